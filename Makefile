@@ -1,0 +1,61 @@
+# hopwatch: `make run` (daemon, default config) and `make test` (everything) do all set-up
+# on a fresh root Debian/Ubuntu node. Both are idempotent; a second run takes seconds.
+
+SHELL := /bin/bash
+PYTHON ?= /usr/bin/python3
+VENV := .venv
+PY := $(VENV)/bin/python
+BCC_DIST := /usr/lib/python3/dist-packages/bcc
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: all setup system venv run test test-unit test-kernel lint bench clean
+
+all: setup
+
+setup: system venv
+
+# apt packages, kernel headers (or the merged fallback), tracefs
+system:
+	@bash scripts/setup-system.sh
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# The venv sees Debian's bcc (pure ctypes) and nothing else of dist-packages: a .pth file
+# adds a folder that holds only a symlink to the bcc package.
+$(VENV)/bcc-shim/bcc: | $(PY)
+	mkdir -p $(VENV)/bcc-shim
+	ln -sfn $(BCC_DIST) $(VENV)/bcc-shim/bcc
+	echo "$(abspath $(VENV))/bcc-shim" > $$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/hopwatch-bcc.pth
+
+$(STAMP): pyproject.toml | $(PY) $(VENV)/bcc-shim/bcc
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+venv: $(STAMP) $(VENV)/bcc-shim/bcc
+
+run: setup
+	$(VENV)/bin/hopwatch run
+
+test: setup
+	$(VENV)/bin/ruff check daemon tests bench
+	$(VENV)/bin/mypy
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-unit: venv
+	$(PY) -m pytest -m 'not kernel' $(PYTEST_ARGS)
+
+test-kernel: setup
+	$(PY) -m pytest -m kernel $(PYTEST_ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check daemon tests bench
+	$(VENV)/bin/mypy
+
+bench: setup
+	$(PY) bench/replay_bench.py
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info

@@ -1,0 +1,3 @@
+from hopwatch.cli import main
+
+main()
