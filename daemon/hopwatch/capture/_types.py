@@ -1,0 +1,104 @@
+"""Plain events every capture source yields (live eBPF or pcap replay).
+
+Only the capture source touches the kernel; everything after it consumes these.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+__all__ = [
+    "CaptureEvent",
+    "ConnClosed",
+    "ConnOpened",
+    "DataChunk",
+    "Direction",
+    "LostEvents",
+    "ProcessExited",
+    "SockAddr",
+]
+
+
+class Direction(enum.Enum):
+    """Seen from the observed process: bytes it sent, or bytes it received."""
+
+    SEND = "send"
+    RECV = "recv"
+
+
+@dataclass(frozen=True, slots=True)
+class SockAddr:
+    family: int  # socket.AF_INET / AF_INET6
+    host: str  # textual IP address
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class DataChunk:
+    """The bytes that moved through ONE socket syscall (or one SSL_read/SSL_write) on one fd.
+
+    The capture source reassembles the kernel's bounded chunks of one syscall into one
+    DataChunk. Layout of the ``total_len`` bytes the syscall really moved, in order:
+
+    * ``skipped`` bytes the kernel did not copy because userspace asked it to skip them
+      (bodies, DATA frames: see the skip map),
+    * ``data``: the bytes copied,
+    * ``missed`` = ``total_len - skipped - len(data)`` bytes lost to the per-syscall copy cap
+      or to dropped kernel chunks: a gap the parser must be told about.
+    """
+
+    tgid: int
+    tid: int
+    fd: int
+    direction: Direction
+    ts_ns: int
+    total_len: int
+    data: bytes
+    skipped: int = 0
+    tls: bool = False
+    comm: str = ""
+
+    @property
+    def missed(self) -> int:
+        return self.total_len - self.skipped - len(self.data)
+
+
+@dataclass(frozen=True, slots=True)
+class ConnOpened:
+    """connect() (role client) or accept()/accept4() (role server) on an inet socket."""
+
+    tgid: int
+    tid: int
+    fd: int
+    role: str  # "client" | "server"
+    peer: SockAddr | None
+    ts_ns: int
+    comm: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ConnClosed:
+    tgid: int
+    fd: int
+    ts_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessExited:
+    tgid: int
+    ts_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class LostEvents:
+    """Events the kernel side could not deliver, by reason (ring full, ...)."""
+
+    reason: str
+    count: int
+
+
+CaptureEvent = DataChunk | ConnOpened | ConnClosed | ProcessExited | LostEvents
