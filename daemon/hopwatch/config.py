@@ -1,0 +1,291 @@
+"""Configuration: a TOML file, every key optional, validated into a frozen `Config`.
+
+Errors name the file, the line and the key, so an operator can fix them (`ConfigError`).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from hopwatch.propagation import Limits
+
+__all__ = [
+    "DEFAULT_ALLOW",
+    "DEFAULT_METRICS_ADDR",
+    "CaptureSettings",
+    "Config",
+    "ConfigError",
+    "EgressRule",
+    "load_config",
+    "parse_config",
+]
+
+#: 9647 is not in the Prometheus default-port allocations of common exporters.
+DEFAULT_METRICS_ADDR = "127.0.0.1:9647"
+
+#: Without `[egress] allow`: loopback and the private ranges.
+DEFAULT_ALLOW: tuple[str, ...] = (
+    "127.0.0.0/8",
+    "::1/128",
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "169.254.0.0/16",
+    "fc00::/7",
+    "fe80::/10",
+)
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used. ``line`` is 1-based when known."""
+
+    def __init__(self, message: str, *, source: str = "<config>", line: int | None = None):
+        self.source = source
+        self.line = line
+        where = f"{source}:{line}" if line else source
+        super().__init__(f"{where}: {message}")
+
+
+@dataclass(frozen=True, slots=True)
+class EgressRule:
+    """One allowlist entry: a CIDR network or a hostname pattern, with an optional port."""
+
+    text: str
+    network: ipaddress.IPv4Network | ipaddress.IPv6Network | None = None
+    host: str | None = None  # lowercase; may start with "*." (any subdomain)
+    port: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> EgressRule:
+        entry = text.strip()
+        if not entry:
+            raise ValueError("empty allowlist entry")
+        port: int | None = None
+        body = entry
+        if body.startswith("["):  # [v6]:port or [v6/len]
+            end = body.find("]")
+            if end < 0:
+                raise ValueError(f"unclosed '[' in {entry!r}")
+            rest = body[end + 1 :]
+            body = body[1:end]
+            if rest:
+                if not rest.startswith(":"):
+                    raise ValueError(f"junk after ']' in {entry!r}")
+                port = _parse_port(rest[1:], entry)
+        elif body.count(":") == 1:
+            body, port_text = body.split(":")
+            port = _parse_port(port_text, entry)
+        try:
+            network = ipaddress.ip_network(body, strict=False)
+        except ValueError:
+            network = None
+        if network is not None:
+            return cls(entry, network=network, port=port)
+        host = body.lower().rstrip(".")
+        if not _HOST_PATTERN.fullmatch(host):
+            raise ValueError(f"{entry!r} is neither a CIDR nor a hostname pattern")
+        return cls(entry, host=host, port=port)
+
+    def matches_ip(self, ip: str, port: int | None = None) -> bool:
+        if self.network is None:
+            return False
+        if self.port is not None and port != self.port:
+            return False
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        return addr.version == self.network.version and addr in self.network
+
+    def matches_host(self, hostname: str, port: int | None = None) -> bool:
+        if self.host is None:
+            return False
+        if self.port is not None and port != self.port:
+            return False
+        name = hostname.lower().rstrip(".")
+        if self.host.startswith("*."):
+            return name.endswith(self.host[1:]) and len(name) > len(self.host) - 1
+        return name == self.host
+
+
+_HOST_PATTERN = re.compile(r"(\*\.)?[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*")
+
+
+def _parse_port(text: str, entry: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise ValueError(f"bad port in {entry!r}")
+    return int(text)
+
+
+@dataclass(frozen=True, slots=True)
+class CaptureSettings:
+    ring_buffer_bytes: int = 16 << 20
+    max_copy_bytes: int = 65536  # per syscall; the rest is counted as truncated
+    include_pids: tuple[int, ...] = ()
+    exclude_pids: tuple[int, ...] = ()
+    include_cgroups: tuple[int, ...] = ()
+    exclude_cgroups: tuple[int, ...] = ()
+    exclude_ports: tuple[int, ...] = ()
+    poll_timeout_ms: int = 100
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    egress_allow: tuple[EgressRule, ...] = field(
+        default_factory=lambda: tuple(EgressRule.parse(e) for e in DEFAULT_ALLOW)
+    )
+    limits: Limits = field(default_factory=Limits)
+    sensitive: bool = True
+    capture: CaptureSettings = field(default_factory=CaptureSettings)
+    metrics_addr: str = DEFAULT_METRICS_ADDR
+    audit_log: str | None = None
+    max_process_labels: int = 200
+    max_peer_labels: int = 500
+    max_connections: int = 200_000
+    source: str = "<defaults>"
+
+
+# section -> key -> (type, attribute path)
+_INT = int
+_SCHEMA: dict[str, dict[str, tuple[type, str]]] = {
+    "egress": {"allow": (list, "egress_allow")},
+    "limits": {
+        "baggage_bytes": (_INT, "limits.baggage_bytes"),
+        "baggage_members": (_INT, "limits.baggage_members"),
+        "tracestate_members": (_INT, "limits.tracestate_members"),
+        "tracestate_bytes": (_INT, "limits.tracestate_bytes"),
+        "header_block_bytes": (_INT, "limits.header_block_bytes"),
+    },
+    "sensitive": {"enabled": (bool, "sensitive")},
+    "capture": {
+        "ring_buffer_bytes": (_INT, "capture.ring_buffer_bytes"),
+        "max_copy_bytes": (_INT, "capture.max_copy_bytes"),
+        "include_pids": (list, "capture.include_pids"),
+        "exclude_pids": (list, "capture.exclude_pids"),
+        "include_cgroups": (list, "capture.include_cgroups"),
+        "exclude_cgroups": (list, "capture.exclude_cgroups"),
+        "exclude_ports": (list, "capture.exclude_ports"),
+        "poll_timeout_ms": (_INT, "capture.poll_timeout_ms"),
+    },
+    "metrics": {
+        "addr": (str, "metrics_addr"),
+        "max_process_labels": (_INT, "max_process_labels"),
+        "max_peer_labels": (_INT, "max_peer_labels"),
+    },
+    "audit": {"path": (str, "audit_log")},
+    "connections": {"max": (_INT, "max_connections")},
+}
+
+
+def _line_of(text: str, section: str, key: str | None) -> int | None:
+    """Best-effort line number of `key` inside `[section]` (or of the section header)."""
+    current = ""
+    section_line = None
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        header = re.fullmatch(r"\[\s*([^\]]+?)\s*\]", line)
+        if header:
+            current = header.group(1)
+            if current == section:
+                section_line = number
+            continue
+        if current == section and key is not None and re.match(rf"{re.escape(key)}\s*=", line):
+            return number
+    return section_line
+
+
+def parse_config(text: str, *, source: str = "<config>") -> Config:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        match = re.search(r"line (\d+)", str(exc))
+        raise ConfigError(
+            f"not valid TOML: {exc}", source=source, line=int(match.group(1)) if match else None
+        ) from None
+    return _from_mapping(data, text=text, source=source)
+
+
+def load_config(path: str | Path | None) -> Config:
+    """The built-in defaults when `path` is None; else the file, validated."""
+    if path is None:
+        return Config()
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read: {exc.strerror or exc}", source=str(p)) from None
+    except UnicodeDecodeError:
+        raise ConfigError("not UTF-8 text", source=str(p)) from None
+    return parse_config(text, source=str(p))
+
+
+def _from_mapping(data: Mapping[str, Any], *, text: str, source: str) -> Config:
+    values: dict[str, Any] = {}
+
+    def fail(msg: str, section: str, key: str | None = None) -> ConfigError:
+        return ConfigError(msg, source=source, line=_line_of(text, section, key))
+
+    for section, body in data.items():
+        if section not in _SCHEMA:
+            known = ", ".join(f"[{s}]" for s in _SCHEMA)
+            raise fail(f"unknown section [{section}] (known: {known})", section)
+        if not isinstance(body, dict):
+            raise fail(f"[{section}] must be a table", section)
+        for key, value in body.items():
+            spec = _SCHEMA[section].get(key)
+            if spec is None:
+                known = ", ".join(_SCHEMA[section])
+                raise fail(f"unknown key {key!r} in [{section}] (known: {known})", section, key)
+            typ, target = spec
+            if typ is _INT and (not isinstance(value, int) or isinstance(value, bool)):
+                raise fail(f"{section}.{key} must be an integer", section, key)
+            if typ is _INT and value < 0:
+                raise fail(f"{section}.{key} must not be negative", section, key)
+            if typ in (bool, str, list) and not isinstance(value, typ):
+                raise fail(f"{section}.{key} must be a {typ.__name__}", section, key)
+            if target == "egress_allow":
+                try:
+                    value = tuple(EgressRule.parse(str(v)) for v in value)
+                except ValueError as exc:
+                    raise fail(f"egress.allow: {exc}", section, key) from None
+            elif target.startswith("capture.") and typ is list:
+                if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+                    raise fail(f"{section}.{key} must be a list of integers", section, key)
+                value = tuple(value)
+            elif target == "metrics_addr":
+                try:
+                    split_host_port(value)
+                except ValueError as exc:
+                    raise fail(f"metrics.addr: {exc}", section, key) from None
+            values[target] = value
+
+    limits = Limits(
+        **{f.name: values.pop(f"limits.{f.name}") for f in fields(Limits) if f"limits.{f.name}" in values}
+    )
+    capture = CaptureSettings(
+        **{
+            f.name: values.pop(f"capture.{f.name}")
+            for f in fields(CaptureSettings)
+            if f"capture.{f.name}" in values
+        }
+    )
+    if capture.ring_buffer_bytes & (capture.ring_buffer_bytes - 1) or capture.ring_buffer_bytes < 4096:
+        raise fail("capture.ring_buffer_bytes must be a power of two >= 4096", "capture", "ring_buffer_bytes")
+    return Config(limits=limits, capture=capture, source=source, **values)
+
+
+def split_host_port(addr: str) -> tuple[str, int]:
+    """'127.0.0.1:9647', '[::1]:9647', ':9647' -> (host, port)."""
+    host, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{addr!r} is not HOST:PORT")
+    host = host.strip("[]") or "0.0.0.0"
+    return host, int(port)

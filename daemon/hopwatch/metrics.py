@@ -1,0 +1,176 @@
+"""Prometheus metrics: one registry built when the daemon is wired, passed explicitly.
+
+Counters for what Python processes; a custom collector for kernel-side state read at
+scrape time (prometheus/client_python habits). Label values that come from traffic
+(process, peer) go through a `LabelCap`: the number of distinct values is bounded, the
+rest lands in ``other``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+__all__ = ["OVERFLOW_LABEL", "KernelStatsCollector", "LabelCap", "Metrics"]
+
+OVERFLOW_LABEL = "other"
+
+
+class LabelCap:
+    """Admits at most `limit` distinct values; later new values map to ``other``."""
+
+    __slots__ = ("_limit", "_seen", "overflowed")
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._seen: set[str] = set()
+        self.overflowed = 0
+
+    def __call__(self, value: str) -> str:
+        if value in self._seen:
+            return value
+        if len(self._seen) < self._limit:
+            self._seen.add(value)
+            return value
+        self.overflowed += 1
+        return OVERFLOW_LABEL
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+
+@dataclass(frozen=True, slots=True)
+class KernelStat:
+    name: str  # metric name without the hopwatch_ prefix
+    doc: str
+    kind: str  # "counter" | "gauge"
+
+
+class KernelStatsCollector(Collector):
+    """Yields the capture path's counters (BPF maps, connection table) at scrape time.
+
+    `read` returns {metric name: value or {label value: value}}; labelled families use the
+    label name given in `labels`.
+    """
+
+    def __init__(
+        self,
+        read: Callable[[], Mapping[str, float | Mapping[str, float]]],
+        docs: Mapping[str, tuple[str, str, str | None]],
+    ) -> None:
+        # docs: metric name -> (kind, help, label name or None)
+        self._read = read
+        self._docs = docs
+
+    def collect(self) -> Iterable[CounterMetricFamily | GaugeMetricFamily]:
+        values = self._read()
+        for name, (kind, doc, label) in self._docs.items():
+            value = values.get(name)
+            if value is None:
+                continue
+            full = f"hopwatch_{name}"
+            if kind == "counter":
+                family: CounterMetricFamily | GaugeMetricFamily = CounterMetricFamily(
+                    full.removesuffix("_total"), doc, labels=[label] if label else None
+                )
+            else:
+                family = GaugeMetricFamily(full, doc, labels=[label] if label else None)
+            if isinstance(value, Mapping):
+                for label_value, v in sorted(value.items()):
+                    family.add_metric([label_value], v)
+            else:
+                family.add_metric([], value)
+            yield family
+
+    def describe(self) -> Iterable[CounterMetricFamily | GaugeMetricFamily]:
+        return []
+
+
+class Metrics:
+    """Every metric the pipeline updates, on one explicit registry."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        *,
+        max_process_labels: int = 200,
+        max_peer_labels: int = 500,
+    ) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.process_label = LabelCap(max_process_labels)
+        self.peer_label = LabelCap(max_peer_labels)
+        r = self.registry
+        self.messages = Counter(
+            "hopwatch_http_messages",
+            "HTTP messages observed, by direction seen from the observed process, kind, "
+            "protocol and the trace context they carry (w3c, b3, both, none).",
+            ["direction", "kind", "protocol", "context", "process"],
+            registry=r,
+        )
+        self.findings = Counter(
+            "hopwatch_findings",
+            "Trace-context findings; one message adds at most 1 per (finding, header).",
+            ["finding", "header", "process", "peer"],
+            registry=r,
+        )
+        self.parse_errors = Counter(
+            "hopwatch_parse_errors",
+            "Bytes the stream parsers could not parse, by protocol and reason code.",
+            ["protocol", "code"],
+            registry=r,
+        )
+        self.desyncs = Counter(
+            "hopwatch_stream_desyncs",
+            "Times a stream parser lost its place (gap, garbage, HPACK failure).",
+            ["protocol", "reason"],
+            registry=r,
+        )
+        self.gap_bytes = Counter(
+            "hopwatch_stream_gap_bytes",
+            "Bytes of HTTP streams the parsers never saw (copy cap, lost events).",
+            registry=r,
+        )
+        self.chunks = Counter(
+            "hopwatch_capture_chunks",
+            "Syscall payloads delivered to the pipeline.",
+            ["direction"],
+            registry=r,
+        )
+        self.bytes = Counter(
+            "hopwatch_capture_bytes",
+            "Payload bytes delivered to the pipeline.",
+            ["direction"],
+            registry=r,
+        )
+        self.unknown_fd = Counter(
+            "hopwatch_unknown_fd_chunks",
+            "Data on descriptors that are not (or no longer) tracked inet sockets.",
+            registry=r,
+        )
+        self.not_http = Counter(
+            "hopwatch_non_http_connections",
+            "Tracked connections whose first bytes were not HTTP (then ignored).",
+            registry=r,
+        )
+        self.label_overflow = Counter(
+            "hopwatch_label_overflow",
+            "Label values folded into 'other' because a label's cap was reached.",
+            ["label"],
+            registry=r,
+        )
+        self.up = Gauge(
+            "hopwatch_capture_attached",
+            "1 while the eBPF programs are loaded and attached.",
+            registry=r,
+        )
+
+    def overflow_check(self) -> None:
+        """Move LabelCap overflow counts into the counter (called once per poll loop)."""
+        for name, cap in (("process", self.process_label), ("peer", self.peer_label)):
+            if cap.overflowed:
+                self.label_overflow.labels(name).inc(cap.overflowed)
+                cap.overflowed = 0

@@ -1,0 +1,236 @@
+"""From capture events to observations: connection table -> stream parsers -> header checks.
+
+`Pipeline.handle(event)` is fed the plain events of any capture source (live eBPF or a pcap)
+and calls its observers with one `Observation` per parsed HTTP message. It never touches
+the kernel itself; the optional `control` (the live capture) is told which connections are
+not HTTP and which bytes are bodies it need not copy.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+from hopwatch.capture._types import (
+    CaptureEvent,
+    ConnClosed,
+    ConnOpened,
+    DataChunk,
+    Direction,
+    LostEvents,
+    ProcessExited,
+    SockAddr,
+)
+from hopwatch.config import Config
+from hopwatch.conntrack import Connection, ConnectionTable
+from hopwatch.metrics import Metrics
+from hopwatch.propagation import Verdict, check_message
+from hopwatch.protocols import (
+    ConnectionParser,
+    Desynced,
+    Event,
+    MessageParsed,
+    Origin,
+    ParseFailed,
+    StreamReset,
+)
+
+__all__ = ["CaptureControl", "Observation", "Pipeline"]
+
+log = logging.getLogger(__name__)
+
+
+class CaptureControl(Protocol):
+    """What the pipeline may ask of a live capture (pcap replay passes None)."""
+
+    def ignore(self, tgid: int, fd: int) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """One HTTP message seen by one observed process."""
+
+    message: MessageParsed
+    verdict: Verdict
+    direction: str  # "inbound" | "outbound" (seen from the observed process)
+    tgid: int
+    tid: int
+    fd: int
+    ts_ns: int
+    process: str  # label: unit, container or comm
+    comm: str
+    role: str  # the observed process's end: "client" | "server"
+    local: SockAddr | None
+    peer: SockAddr | None
+
+
+Observer = Callable[[Observation], None]
+
+
+def _origin(role: str, direction: Direction) -> Origin:
+    # A client sends requests and receives responses; a server the reverse.
+    if role == "client":
+        return Origin.CLIENT if direction is Direction.SEND else Origin.SERVER
+    return Origin.SERVER if direction is Direction.SEND else Origin.CLIENT
+
+
+class Pipeline:
+    def __init__(
+        self,
+        config: Config,
+        metrics: Metrics,
+        conns: ConnectionTable,
+        *,
+        control: CaptureControl | None = None,
+        observers: Iterable[Observer] = (),
+    ) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.conns = conns
+        self.control = control
+        self.observers: list[Observer] = [self._count, *observers]
+        self.lost: dict[str, int] = {}
+
+    # -- events -----------------------------------------------------------------------
+    def handle(self, ev: CaptureEvent) -> None:
+        if isinstance(ev, DataChunk):
+            self._data(ev)
+        elif isinstance(ev, ConnOpened):
+            self.conns.open(ev)
+        elif isinstance(ev, ConnClosed):
+            conn = self.conns.close(ev.tgid, ev.fd)
+            if conn is not None:
+                self._eof(conn)
+        elif isinstance(ev, ProcessExited):
+            for conn in self.conns.process_exited(ev.tgid):
+                self._eof(conn)
+        elif isinstance(ev, LostEvents):
+            self.lost[ev.reason] = self.lost.get(ev.reason, 0) + ev.count
+
+    def handle_many(self, events: Iterable[CaptureEvent]) -> None:
+        for ev in events:
+            self.handle(ev)
+
+    def _eof(self, conn: Connection) -> None:
+        parser = conn.state
+        if isinstance(parser, ConnectionParser):
+            for origin in (Origin.CLIENT, Origin.SERVER):
+                self._emit(conn, parser.receive_eof(origin), None, Direction.RECV)
+
+    def _data(self, chunk: DataChunk) -> None:
+        m = self.metrics
+        direction = chunk.direction.value
+        m.chunks.labels(direction).inc()
+        m.bytes.labels(direction).inc(len(chunk.data))
+        conn = self.conns.get_or_adopt(chunk.tgid, chunk.fd, chunk.ts_ns)
+        if conn is None:
+            m.unknown_fd.inc()
+            return
+        parser = conn.state
+        if parser is None:
+            parser = conn.state = ConnectionParser()
+        elif not isinstance(parser, ConnectionParser):
+            return
+        if parser.done:
+            return
+        origin = _origin(conn.role, chunk.direction)
+        events: list[Event] = []
+        if chunk.skipped:
+            events += parser.receive_skipped(origin, chunk.skipped)
+        if chunk.data:
+            events += parser.receive_data(origin, chunk.data)
+        missed = chunk.missed
+        if missed > 0:
+            m.gap_bytes.inc(missed)
+            events += parser.receive_gap(origin, missed)
+        self._emit(conn, events, chunk, chunk.direction)
+        if parser.done and self.control is not None:
+            if parser.not_http:
+                m.not_http.inc()
+            self.control.ignore(chunk.tgid, chunk.fd)
+
+    # -- parser events -> observations ------------------------------------------------
+    def _emit(
+        self,
+        conn: Connection,
+        events: list[Event],
+        chunk: DataChunk | None,
+        direction: Direction,
+    ) -> None:
+        if not events:
+            return
+        parser = conn.state
+        protocol = parser.protocol if isinstance(parser, ConnectionParser) else None
+        for ev in events:
+            if isinstance(ev, MessageParsed):
+                self._message(conn, ev, chunk, direction)
+            elif isinstance(ev, ParseFailed):
+                self.metrics.parse_errors.labels(protocol or "unknown", ev.code).inc()
+            elif isinstance(ev, Desynced):
+                self.metrics.desyncs.labels(protocol or "unknown", ev.reason).inc()
+            elif isinstance(ev, StreamReset):
+                pass
+
+    def _message(
+        self, conn: Connection, msg: MessageParsed, chunk: DataChunk | None, direction: Direction
+    ) -> None:
+        cfg = self.config
+        headers = msg.headers + msg.inferred_headers if msg.inferred_headers else msg.headers
+        verdict = check_message(
+            headers,
+            cfg.limits,
+            header_block_bytes=msg.header_block_bytes,
+            sensitive=cfg.sensitive,
+        )
+        proc = conn.process
+        obs = Observation(
+            message=msg,
+            verdict=verdict,
+            direction="outbound" if direction is Direction.SEND else "inbound",
+            tgid=conn.tgid,
+            tid=chunk.tid if chunk is not None else 0,
+            fd=conn.fd,
+            ts_ns=chunk.ts_ns if chunk is not None else 0,
+            process=proc.label if proc is not None else "unknown",
+            comm=proc.comm if proc is not None else "",
+            role=conn.role,
+            local=conn.local,
+            peer=conn.peer,
+        )
+        for observer in self.observers:
+            try:
+                observer(obs)
+            except Exception:  # an observer bug must not stop capture
+                log.exception("observer %r failed", observer)
+
+    def _count(self, obs: Observation) -> None:
+        m = self.metrics
+        process = m.process_label(obs.process)
+        msg = obs.message
+        m.messages.labels(obs.direction, msg.kind, msg.protocol, obs.verdict.context, process).inc()
+        if not obs.verdict.findings:
+            return
+        peer = m.peer_label(peer_label(obs))
+        seen: set[tuple[str, str]] = set()
+        for f in obs.verdict.findings:
+            key = (f.kind, f.header)
+            if key in seen:
+                continue
+            seen.add(key)
+            m.findings.labels(f.kind, f.header, process, peer).inc()
+
+
+def peer_label(obs: Observation) -> str:
+    """The other end, as a bounded-cardinality label.
+
+    Outbound requests: the host the request names (Host/:authority) when there is one,
+    else ``ip:port``. Everything else: the peer's IP (client ports are ephemeral).
+    """
+    msg = obs.message
+    if obs.role == "client":
+        if msg.authority:
+            return msg.authority.lower()
+        return str(obs.peer) if obs.peer is not None else "unknown"
+    return obs.peer.host if obs.peer is not None else "unknown"

@@ -1,0 +1,194 @@
+"""The daemon: wire capture -> pipeline -> sinks, serve /metrics, stop cleanly.
+
+Signal handlers only set flags; the loop checks them between polls (uvicorn habit).
+SIGTERM/SIGINT: detach the programs, drain what the ring still holds, stop the metrics
+server, exit 0. SIGHUP: reload the configuration file; a bad file keeps the running one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Mapping
+from types import FrameType
+from typing import Any
+
+from prometheus_client import start_http_server
+
+from hopwatch.config import Config, ConfigError, load_config, split_host_port
+from hopwatch.conntrack import ConnectionTable
+from hopwatch.metrics import KernelStatsCollector, Metrics
+from hopwatch.pipeline import Observer, Pipeline
+
+__all__ = ["Daemon", "StartupError"]
+
+log = logging.getLogger(__name__)
+
+# Kernel-side and table counters exposed at scrape time: name -> (kind, help, label)
+_STATS_DOCS: dict[str, tuple[str, str, str | None]] = {
+    "events_lost_total": (
+        "counter",
+        "Capture events the kernel could not deliver, by reason (ring_full, ...).",
+        "reason",
+    ),
+    "capture_kernel_events_total": ("counter", "Events the eBPF programs emitted.", None),
+    "capture_kernel_bytes_total": ("counter", "Payload bytes the eBPF programs copied.", None),
+    "capture_truncated_bytes_total": (
+        "counter",
+        "Bytes beyond the per-syscall copy cap, never copied (the parsers see a gap).",
+        None,
+    ),
+    "capture_filtered_total": (
+        "counter",
+        "Syscalls dropped by the pid/cgroup/port filters, by reason.",
+        "reason",
+    ),
+    "connections_tracked": ("gauge", "Connections in the connection table.", None),
+    "connections_total": ("counter", "Connection-table operations, by event.", "event"),
+}
+
+
+class StartupError(RuntimeError):
+    """The daemon cannot start; the message says why and how to fix it."""
+
+
+class Daemon:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        config_path: str | None = None,
+        observers: tuple[Observer, ...] = (),
+        on_ready: Callable[[], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.metrics = Metrics(
+            max_process_labels=config.max_process_labels,
+            max_peer_labels=config.max_peer_labels,
+        )
+        self.conns = ConnectionTable(max_entries=config.max_connections)
+        self.capture: Any = None
+        self.pipeline: Pipeline | None = None
+        self._observers = observers
+        self._on_ready = on_ready
+        self._stop = threading.Event()
+        self._reload = False
+        self._http: Any = None
+
+    # -- signals ------------------------------------------------------------------------
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        if signum == signal.SIGHUP:
+            self._reload = True
+        else:
+            self._stop.set()
+
+    def install_signal_handlers(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self._on_signal)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    # -- life cycle ---------------------------------------------------------------------
+    def start(self) -> None:
+        from hopwatch.capture.live import CaptureError, LiveCapture
+
+        host, port = split_host_port(self.config.metrics_addr)
+        try:
+            self.capture = LiveCapture(self.config.capture, exclude_tgid=os.getpid())
+        except CaptureError as exc:
+            raise StartupError(str(exc)) from exc
+        self.pipeline = Pipeline(
+            self.config,
+            self.metrics,
+            self.conns,
+            control=self.capture,
+            observers=self._observers,
+        )
+        # Sockets that existed before we started (keep-alive connections).
+        adopted = 0
+        for conn in self.conns.scan_existing():
+            self.capture.adopt(conn.tgid, conn.fd, conn.role)
+            adopted += 1
+        log.info("adopted %d existing inet sockets", adopted)
+        self.metrics.registry.register(KernelStatsCollector(self._stats, _STATS_DOCS))
+        try:
+            self._http, _thread = start_http_server(port, addr=host, registry=self.metrics.registry)
+        except OSError as exc:
+            self.capture.close()
+            raise StartupError(
+                f"cannot serve metrics on {self.config.metrics_addr}: {exc.strerror or exc}; "
+                "choose another with --metrics-addr HOST:PORT"
+            ) from exc
+        self.metrics.up.set(1)
+        log.info("hopwatch ready: metrics on http://%s/metrics", self.config.metrics_addr)
+        if self._on_ready is not None:
+            self._on_ready()
+
+    def _stats(self) -> Mapping[str, float | Mapping[str, float]]:
+        out: dict[str, float | Mapping[str, float]] = {}
+        if self.capture is not None:
+            out.update(self.capture.stats())
+        lost = dict(out.get("events_lost_total", {}) or {})  # type: ignore[call-overload]
+        if self.pipeline is not None:
+            for reason, count in self.pipeline.lost.items():
+                lost[reason] = lost.get(reason, 0) + count
+        out["events_lost_total"] = lost
+        out["connections_tracked"] = len(self.conns)
+        out["connections_total"] = dict(self.conns.counters())
+        return out
+
+    def run(self) -> None:
+        """Start, loop until SIGTERM/SIGINT (or `stop()`), then shut down."""
+        self.start()
+        try:
+            self.loop()
+        finally:
+            self.shutdown()
+
+    def loop(self) -> None:
+        assert self.capture is not None and self.pipeline is not None
+        timeout = self.config.capture.poll_timeout_ms
+        last_evict = time.monotonic()
+        while not self._stop.is_set():
+            if self._reload:
+                self._reload = False
+                self.reload()
+            self.pipeline.handle_many(self.capture.poll(timeout))
+            self.metrics.overflow_check()
+            now = time.monotonic()
+            if now - last_evict > 30:
+                last_evict = now
+                self.conns.evict_idle(time.monotonic_ns(), 3600 * 10**9)
+
+    def reload(self) -> None:
+        if self.config_path is None:
+            log.info("SIGHUP: no config file given, nothing to reload")
+            return
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as exc:
+            log.error("SIGHUP: keeping the running configuration: %s", exc)
+            return
+        if new.capture != self.config.capture or new.metrics_addr != self.config.metrics_addr:
+            log.warning("SIGHUP: [capture] and metrics address changes need a restart")
+        self.config = new
+        if self.pipeline is not None:
+            self.pipeline.config = new
+        log.info("SIGHUP: configuration reloaded from %s", self.config_path)
+
+    def shutdown(self) -> None:
+        if self.capture is not None:
+            try:
+                self.capture.close()  # detach first: no new events
+            finally:
+                self.metrics.up.set(0)
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
+        log.info("hopwatch stopped")

@@ -1,0 +1,211 @@
+"""Helpers for real-kernel tests: the daemon, /metrics snapshots, peers with unique names."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+REPO = Path(__file__).resolve().parents[1]
+VENV = REPO / ".venv"
+HOPWATCH = VENV / "bin" / "hopwatch"
+SITE_PACKAGES = next((VENV / "lib").glob("python3*/site-packages"), None)
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+Sample = tuple[str, frozenset[tuple[str, str]]]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(host: str, port: int, timeout: float = 15.0, netns: str | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if netns is None:
+            with contextlib.suppress(OSError), socket.create_connection((host, port), 0.2):
+                return
+        else:
+            rc = subprocess.run(
+                ["ip", "netns", "exec", netns, SYSTEM_PYTHON, "-c",
+                 f"import socket; socket.create_connection(({host!r}, {port}), 0.2)"],
+                capture_output=True,
+            ).returncode
+            if rc == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"{host}:{port} did not accept within {timeout}s")
+
+
+@dataclass
+class Snapshot:
+    samples: dict[Sample, float]
+
+    def total(self, name: str, **labels: str) -> float:
+        want = set(labels.items())
+        return sum(v for (n, ls), v in self.samples.items() if n == name and want <= ls)
+
+    def __sub__(self, other: Snapshot) -> Delta:
+        keys = set(self.samples) | set(other.samples)
+        return Delta({k: self.samples.get(k, 0.0) - other.samples.get(k, 0.0) for k in keys})
+
+
+@dataclass
+class Delta(Snapshot):
+    def series(self, name: str, **labels: str) -> dict[frozenset[tuple[str, str]], float]:
+        want = set(labels.items())
+        return {ls: v for (n, ls), v in self.samples.items() if n == name and want <= ls and v}
+
+
+def scrape(addr: str) -> Snapshot:
+    with urllib.request.urlopen(f"http://{addr}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    samples: dict[Sample, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            samples[(s.name, frozenset(s.labels.items()))] = s.value
+    return samples and Snapshot(samples) or Snapshot({})
+
+
+class Daemon:
+    """A real `hopwatch run` subprocess (the console script, as an operator starts it)."""
+
+    def __init__(self, tmp: Path, config: str | None = None) -> None:
+        self.port = free_port()
+        self.addr = f"127.0.0.1:{self.port}"
+        self.log = tmp / "hopwatch.log"
+        args = [str(HOPWATCH), "run", "--metrics-addr", self.addr]
+        if config is not None:
+            cfg = tmp / "hopwatch.toml"
+            cfg.write_text(config)
+            args += ["--config", str(cfg)]
+        self._logf = self.log.open("wb")
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(args, stdout=self._logf, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"hopwatch exited {self.proc.returncode}:\n{self.log_text()}")
+            if "hopwatch ready" in self.log_text():
+                break
+            if time.monotonic() > deadline:
+                self.stop()
+                raise TimeoutError(f"hopwatch not ready:\n{self.log_text()}")
+            time.sleep(0.05)
+        self.ready_after = time.monotonic() - self.started
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def scrape(self) -> Snapshot:
+        return scrape(self.addr)
+
+    def settle(self, timeout: float = 10.0, quiet: float = 0.5) -> Snapshot:
+        """Scrape until the capture counters stop moving for `quiet` seconds."""
+        deadline = time.monotonic() + timeout
+        last = self.scrape()
+        stable_since = time.monotonic()
+        while time.monotonic() < deadline:
+            time.sleep(0.1)
+            now = self.scrape()
+            key = ("hopwatch_capture_chunks_total", "hopwatch_http_messages_total")
+            if any(now.total(k) != last.total(k) for k in key):
+                stable_since = time.monotonic()
+                last = now
+            elif time.monotonic() - stable_since >= quiet:
+                return now
+        return last
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._logf.close()
+        return self.proc.returncode
+
+
+def named(tmp: Path, name: str, target: str) -> str:
+    """A symlink named `name` (<= 15 chars: the kernel's comm) to the executable `target`."""
+    assert len(name) <= 15, name
+    real = shutil.which(target) or target
+    link = tmp / "bin" / name
+    link.parent.mkdir(exist_ok=True)
+    if not link.exists():
+        link.symlink_to(os.path.realpath(real))
+    return str(link)
+
+
+def python_env() -> dict[str, str]:
+    """Environment for a named system-Python peer that needs the venv's packages."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(SITE_PACKAGES) if SITE_PACKAGES else "", str(REPO / "tests" / "peers")) if p
+    )
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+@contextlib.contextmanager
+def server(
+    args: list[str],
+    port: int,
+    *,
+    host: str = "127.0.0.1",
+    netns: str | None = None,
+    env: Mapping[str, str] | None = None,
+    cwd: str | Path | None = None,
+) -> Iterator[subprocess.Popen[bytes]]:
+    full = (["ip", "netns", "exec", netns] if netns else []) + args
+    proc = subprocess.Popen(
+        full, env=dict(env) if env is not None else None, cwd=cwd,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    try:
+        try:
+            wait_port(host, port, netns=netns)
+        except TimeoutError:
+            proc.kill()
+            out = proc.communicate()[0].decode(errors="replace")
+            raise RuntimeError(f"server {args} did not start:\n{out}") from None
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def run(args: list[str], *, env: Mapping[str, str] | None = None, netns: str | None = None,
+        timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess[str]:
+    full = (["ip", "netns", "exec", netns] if netns else []) + args
+    res = subprocess.run(full, env=dict(env) if env is not None else None, capture_output=True,
+                         text=True, timeout=timeout)
+    if check and res.returncode != 0:
+        raise AssertionError(f"{args} exited {res.returncode}:\n{res.stdout}\n{res.stderr}")
+    return res
+
+
+__all__ = [
+    "HOPWATCH", "REPO", "SYSTEM_PYTHON", "Daemon", "Delta", "Snapshot", "free_port", "named",
+    "python_env", "run", "scrape", "server", "sys", "wait_port",
+]

@@ -1,0 +1,419 @@
+"""Real kernel, real peers, real /metrics: exact counts (issue 3 §4).
+
+One `hopwatch run` serves the session (conftest `daemon`); every peer runs under a unique
+command name (a symlink), so the `process` label isolates each test's traffic.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import NetNS
+from tests.helpers import (
+    REPO,
+    SYSTEM_PYTHON,
+    Daemon,
+    Delta,
+    free_port,
+    named,
+    python_env,
+    run,
+    server,
+)
+
+pytestmark = pytest.mark.kernel
+
+PEERS = REPO / "tests" / "peers"
+TP = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+B3 = "0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-1"
+MSG = "hopwatch_http_messages_total"
+FIND = "hopwatch_findings_total"
+
+
+def counts(delta: Delta, process: str) -> dict[tuple[str, str, str, str], float]:
+    """(direction, kind, protocol, context) -> count for one process."""
+    out: dict[tuple[str, str, str, str], float] = {}
+    for labels, value in delta.series(MSG, process=process).items():
+        d = dict(labels)
+        key = (d["direction"], d["kind"], d["protocol"], d["context"])
+        out[key] = out.get(key, 0) + value
+    return out
+
+
+def findings(delta: Delta, process: str) -> dict[tuple[str, str], float]:
+    out: dict[tuple[str, str], float] = {}
+    for labels, value in delta.series(FIND, process=process).items():
+        d = dict(labels)
+        out[(d["finding"], d["header"])] = out.get((d["finding"], d["header"]), 0) + value
+    return out
+
+
+def traffic(daemon: Daemon, fn) -> Delta:  # type: ignore[no-untyped-def]
+    before = daemon.settle()
+    fn()
+    return daemon.settle() - before
+
+
+def exchange(client: str, server_name: str, proto: str, n_with: int, n_without: int,
+             ctx: str = "w3c") -> dict[str, dict[tuple[str, str, str, str], float]]:
+    """The exact counts a clean request/response exchange must produce."""
+    req_c = {(ctx, n_with), ("none", n_without)}
+    expect_client: dict[tuple[str, str, str, str], float] = {}
+    expect_server: dict[tuple[str, str, str, str], float] = {}
+    for c, n in req_c:
+        if n:
+            expect_client[("outbound", "request", proto, c)] = n
+            expect_server[("inbound", "request", proto, c)] = n
+    expect_client[("inbound", "response", proto, "none")] = n_with + n_without
+    expect_server[("outbound", "response", proto, "none")] = n_with + n_without
+    return {client: expect_client, server_name: expect_server}
+
+
+# -- HTTP/1.1 -----------------------------------------------------------------------------
+
+def test_python_http1_loopback(daemon: Daemon, tmp_path: Path) -> None:
+    port = free_port()
+    srv, cli = named(tmp_path, "t_h1srv", SYSTEM_PYTHON), named(tmp_path, "t_h1cli", SYSTEM_PYTHON)
+    with server([srv, str(PEERS / "h1_server.py"), "127.0.0.1", str(port)], port):
+        def drive() -> None:
+            run([cli, str(PEERS / "h1_client.py"), "127.0.0.1", str(port), "5",
+                 f"traceparent: {TP}", "tracestate: congo=t61rcWkgMzE"])
+            run([cli, str(PEERS / "h1_client.py"), "127.0.0.1", str(port), "4"])
+            run([cli, str(PEERS / "h1_client.py"), "127.0.0.1", str(port), "3", f"b3: {B3}"])
+            run([cli, str(PEERS / "h1_client.py"), "127.0.0.1", str(port), "2",
+                 f"traceparent: {TP}", f"b3: {B3}"])
+        delta = traffic(daemon, drive)
+    assert counts(delta, "t_h1cli") == {
+        ("outbound", "request", "http1", "w3c"): 5,
+        ("outbound", "request", "http1", "none"): 4,
+        ("outbound", "request", "http1", "b3"): 3,
+        ("outbound", "request", "http1", "both"): 2,
+        ("inbound", "response", "http1", "none"): 14,
+    }
+    assert counts(delta, "t_h1srv") == {
+        ("inbound", "request", "http1", "w3c"): 5,
+        ("inbound", "request", "http1", "none"): 4,
+        ("inbound", "request", "http1", "b3"): 3,
+        ("inbound", "request", "http1", "both"): 2,
+        ("outbound", "response", "http1", "none"): 14,
+    }
+    assert findings(delta, "t_h1cli") == {} and findings(delta, "t_h1srv") == {}
+
+
+def test_curl_http1_and_h2_prior_knowledge_to_hypercorn(daemon: Daemon, tmp_path: Path) -> None:
+    port = free_port()
+    hyper = named(tmp_path, "t_hyper", SYSTEM_PYTHON)
+    curl1, curl2 = named(tmp_path, "t_curl1", "curl"), named(tmp_path, "t_curl2", "curl")
+    url = f"http://127.0.0.1:{port}/x"
+    with server([hyper, "-m", "hypercorn", "asgi_app:app", "-b", f"127.0.0.1:{port}"], port,
+                env=python_env(), cwd=PEERS):
+        def drive() -> None:
+            run([curl1, "-sf", "-o", "/dev/null", "-H", f"traceparent: {TP}", *[url] * 3])
+            run([curl2, "-sf", "--http2-prior-knowledge", "-o", "/dev/null",
+                 "-H", f"traceparent: {TP}", *[url] * 4])
+            run([curl2, "-sf", "--http2-prior-knowledge", "-o", "/dev/null", *[url] * 2])
+        delta = traffic(daemon, drive)
+    assert counts(delta, "t_curl1") == exchange("c", "s", "http1", 3, 0)["c"]
+    assert counts(delta, "t_curl2") == exchange("c", "s", "http2", 4, 2)["c"]
+    server_counts = counts(delta, "t_hyper")
+    expected = exchange("c", "s", "http1", 3, 0)["s"] | exchange("c", "s", "http2", 4, 2)["s"]
+    assert server_counts == expected
+    assert findings(delta, "t_curl1") == {} and findings(delta, "t_hyper") == {}
+
+
+def test_httpx_h2c_to_hypercorn(daemon: Daemon, tmp_path: Path) -> None:
+    port = free_port()
+    hyper, cli = named(tmp_path, "t_hyper2", SYSTEM_PYTHON), named(tmp_path, "t_httpx", SYSTEM_PYTHON)
+    with server([hyper, "-m", "hypercorn", "asgi_app:app", "-b", f"127.0.0.1:{port}"], port,
+                env=python_env(), cwd=PEERS):
+        def drive() -> None:
+            run([cli, str(PEERS / "httpx_client.py"), f"http://127.0.0.1:{port}", "6",
+                 f"traceparent: {TP}"], env=python_env())
+            run([cli, str(PEERS / "httpx_client.py"), f"http://127.0.0.1:{port}", "3",
+                 f"b3: {B3}"], env=python_env())
+        delta = traffic(daemon, drive)
+    assert counts(delta, "t_httpx") == {
+        ("outbound", "request", "http2", "w3c"): 6,
+        ("outbound", "request", "http2", "b3"): 3,
+        ("inbound", "response", "http2", "none"): 9,
+    }
+    assert counts(delta, "t_hyper2") == {
+        ("inbound", "request", "http2", "w3c"): 6,
+        ("inbound", "request", "http2", "b3"): 3,
+        ("outbound", "response", "http2", "none"): 9,
+    }
+
+
+def test_node_http2(daemon: Daemon, tmp_path: Path) -> None:
+    port = free_port()
+    srv, cli = named(tmp_path, "t_nodesrv", "node"), named(tmp_path, "t_nodecli", "node")
+    with server([srv, str(PEERS / "node_h2.js"), "server", str(port)], port):
+        def drive() -> None:
+            run([cli, str(PEERS / "node_h2.js"), "client", str(port), "5", f"traceparent: {TP}"])
+            run([cli, str(PEERS / "node_h2.js"), "client", str(port), "2"])
+        delta = traffic(daemon, drive)
+    want = exchange("t_nodecli", "t_nodesrv", "http2", 5, 2)
+    assert counts(delta, "t_nodecli") == want["t_nodecli"]
+    assert counts(delta, "t_nodesrv") == want["t_nodesrv"]
+
+
+def test_grpcio_h2c_metadata(daemon: Daemon, tmp_path: Path) -> None:
+    port = free_port()
+    srv, cli = named(tmp_path, "t_grpcsrv", SYSTEM_PYTHON), named(tmp_path, "t_grpccli", SYSTEM_PYTHON)
+    with server([srv, str(PEERS / "grpc_peer.py"), "server", "127.0.0.1", str(port)], port,
+                env=python_env()):
+        def drive() -> None:
+            run([cli, str(PEERS / "grpc_peer.py"), "client", "127.0.0.1", str(port), "7",
+                 f"traceparent: {TP}"], env=python_env())
+        delta = traffic(daemon, drive)
+    # gRPC answers with a response HEADERS block and a trailers block per call: the
+    # trailers are not a second response.
+    assert counts(delta, "t_grpccli") == {
+        ("outbound", "request", "http2", "w3c"): 7,
+        ("inbound", "response", "http2", "none"): 7,
+    }
+    assert counts(delta, "t_grpcsrv") == {
+        ("inbound", "request", "http2", "w3c"): 7,
+        ("outbound", "response", "http2", "none"): 7,
+    }
+
+
+def test_across_network_namespaces(daemon: Daemon, tmp_path: Path, netns: NetNS) -> None:
+    port = free_port()
+    srv, cli = named(tmp_path, "t_nssrv", SYSTEM_PYTHON), named(tmp_path, "t_nscli", SYSTEM_PYTHON)
+    gsrv, gcli = named(tmp_path, "t_nsgsrv", SYSTEM_PYTHON), named(tmp_path, "t_nsgcli", SYSTEM_PYTHON)
+    with server([srv, str(PEERS / "h1_server.py"), netns.ns_ip, str(port)], port,
+                host=netns.ns_ip, netns=netns.name), \
+         server([gsrv, str(PEERS / "grpc_peer.py"), "server", netns.ns_ip, str(port + 1)],
+                port + 1, host=netns.ns_ip, netns=netns.name, env=python_env()):
+        def drive() -> None:
+            run([cli, str(PEERS / "h1_client.py"), netns.ns_ip, str(port), "4",
+                 f"traceparent: {TP}"])
+            run([gcli, str(PEERS / "grpc_peer.py"), "client", netns.ns_ip, str(port + 1), "3",
+                 f"traceparent: {TP}"], env=python_env())
+        delta = traffic(daemon, drive)
+    h1 = exchange("c", "s", "http1", 4, 0)
+    assert counts(delta, "t_nscli") == h1["c"]
+    assert counts(delta, "t_nssrv") == h1["s"]
+    h2 = exchange("c", "s", "http2", 3, 0)
+    assert counts(delta, "t_nsgcli") == h2["c"]
+    assert counts(delta, "t_nsgsrv") == h2["s"]
+    # The peer label of the client's findings-free traffic is not exported; check the
+    # namespace server saw the host end of the veth as its peer through a finding:
+    bad = "00-0AF7651916CD43DD8448EB211C80319C-b7ad6b7169203331-01"
+    with server([srv, str(PEERS / "h1_server.py"), netns.ns_ip, str(port + 2)], port + 2,
+                host=netns.ns_ip, netns=netns.name):
+        delta = traffic(daemon, lambda: run([cli, str(PEERS / "h1_client.py"), netns.ns_ip,
+                                             str(port + 2), "2", f"traceparent: {bad}"]))
+    assert delta.series(FIND, process="t_nssrv", finding="malformed") == {
+        frozenset({("finding", "malformed"), ("header", "traceparent"), ("process", "t_nssrv"),
+                   ("peer", netns.host_ip)}): 2
+    }
+    assert delta.series(FIND, process="t_nscli", finding="malformed") == {
+        frozenset({("finding", "malformed"), ("header", "traceparent"), ("process", "t_nscli"),
+                   ("peer", f"{netns.ns_ip}:{port + 2}")}): 2
+    }
+
+
+# -- findings where injected, none on clean traffic ---------------------------------------
+
+def test_findings_exactly_where_injected(daemon: Daemon, tmp_path: Path) -> None:
+    port = free_port()
+    srv, cli = named(tmp_path, "t_fsrv", SYSTEM_PYTHON), named(tmp_path, "t_fcli", SYSTEM_PYTHON)
+    with server([srv, str(PEERS / "h1_server.py"), "127.0.0.1", str(port)], port):
+        def drive() -> None:
+            c = [cli, str(PEERS / "h1_client.py"), "127.0.0.1", str(port)]
+            run([*c, "3", "traceparent: 00-0AF7651916CD43DD8448EB211C80319C-b7ad6b7169203331-01"])
+            run([*c, "2", f"traceparent: {TP}", "baggage: user=alice%40example.com"])
+            run([*c, "4", f"traceparent: {TP}", "baggage: " + ",".join(f"k{i}=v" for i in range(70))])
+            run([*c, "1", f"traceparent: {TP}", "b3: 1111111111111111-2222222222222222-1"])
+            run([*c, "5", f"traceparent: {TP}", "baggage: userId=alice,isProduction=false"])
+        delta = traffic(daemon, drive)
+    for process in ("t_fcli", "t_fsrv"):
+        assert findings(delta, process) == {
+            ("malformed", "traceparent"): 3,
+            ("sensitive", "baggage"): 2,
+            ("oversized", "baggage"): 4,
+            ("conflict", "b3"): 1,
+        }, process
+    assert counts(delta, "t_fcli")[("outbound", "request", "http1", "none")] == 3
+    assert counts(delta, "t_fcli")[("outbound", "request", "http1", "w3c")] == 11
+
+
+def test_64k_baggage_header(daemon: Daemon, tmp_path: Path) -> None:
+    port = free_port()
+    hyper = named(tmp_path, "t_bighyp", SYSTEM_PYTHON)
+    curl = named(tmp_path, "t_bigcurl", "curl")
+    baggage = "big=" + "x" * (64 * 1024)
+    with server([hyper, "-m", "hypercorn", "asgi_app:app", "-b", f"127.0.0.1:{port}"], port,
+                env=python_env(), cwd=PEERS):
+        def drive() -> None:
+            run([curl, "-s", "-o", "/dev/null", "-H", f"traceparent: {TP}",
+                 "-H", f"baggage: {baggage}", f"http://127.0.0.1:{port}/"], check=False)
+        delta = traffic(daemon, drive)
+    assert counts(delta, "t_bigcurl")[("outbound", "request", "http1", "w3c")] == 1
+    assert findings(delta, "t_bigcurl") == {("oversized", "baggage"): 1, ("oversized", "*"): 1}
+
+
+# -- awkward writers ----------------------------------------------------------------------
+
+ONE_BYTE = r"""
+import socket, sys, time
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+req = b"GET /one HTTP/1.1\r\nHost: x\r\ntraceparent: %s\r\n\r\n" % sys.argv[2].encode()
+for b in req:
+    s.send(bytes([b]))
+    time.sleep(0.001)
+f = s.makefile("rb")
+assert f.readline().startswith(b"HTTP/1.1 200")
+"""
+
+PIPELINED = r"""
+import socket, sys
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+req = b"GET /p HTTP/1.1\r\nHost: x\r\ntraceparent: %s\r\n\r\n" % sys.argv[2].encode()
+s.sendall(req * 3)
+f = s.makefile("rb")
+for _ in range(3):
+    assert f.readline().startswith(b"HTTP/1.1 200")
+    while f.readline() not in (b"\r\n", b""):
+        pass
+    f.read(3)
+"""
+
+HALF_REQUEST = r"""
+import os, socket, sys, time
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+s.send(b"GET /half HTTP/1.1\r\nHost: x\r\ntracepar")
+print("sent", flush=True)
+time.sleep(60)
+"""
+
+
+def test_one_byte_writes_and_pipelining(daemon: Daemon, tmp_path: Path) -> None:
+    port = free_port()
+    srv = named(tmp_path, "t_awksrv", SYSTEM_PYTHON)
+    one, pipe = named(tmp_path, "t_onebyte", SYSTEM_PYTHON), named(tmp_path, "t_pipe", SYSTEM_PYTHON)
+    with server([srv, str(PEERS / "h1_server.py"), "127.0.0.1", str(port)], port):
+        def drive() -> None:
+            run([one, "-c", ONE_BYTE, str(port), TP])
+            run([pipe, "-c", PIPELINED, str(port), TP])
+        delta = traffic(daemon, drive)
+    assert counts(delta, "t_onebyte") == exchange("c", "s", "http1", 1, 0)["c"]
+    assert counts(delta, "t_pipe") == exchange("c", "s", "http1", 3, 0)["c"]
+    assert counts(delta, "t_awksrv") == exchange("c", "s", "http1", 4, 0)["s"]
+
+
+def test_client_killed_mid_request(daemon: Daemon, tmp_path: Path) -> None:
+    port = free_port()
+    srv = named(tmp_path, "t_killsrv", SYSTEM_PYTHON)
+    victim, cli = named(tmp_path, "t_victim", SYSTEM_PYTHON), named(tmp_path, "t_after", SYSTEM_PYTHON)
+    with server([srv, str(PEERS / "h1_server.py"), "127.0.0.1", str(port)], port):
+        def drive() -> None:
+            p = subprocess.Popen([victim, "-c", HALF_REQUEST, str(port)], stdout=subprocess.PIPE)
+            assert p.stdout is not None and p.stdout.readline() == b"sent\n"
+            time.sleep(0.2)
+            p.send_signal(signal.SIGKILL)
+            p.wait()
+            run([cli, str(PEERS / "h1_client.py"), "127.0.0.1", str(port), "2", f"traceparent: {TP}"])
+        delta = traffic(daemon, drive)
+    assert counts(delta, "t_victim") == {}
+    assert counts(delta, "t_after") == exchange("c", "s", "http1", 2, 0)["c"]
+    assert counts(delta, "t_killsrv") == exchange("c", "s", "http1", 2, 0)["s"]
+    assert daemon.proc.poll() is None
+
+
+FILE_WRITER = r"""
+import os, socket, sys
+path = sys.argv[1]
+with open(path, "wb", buffering=0) as f:
+    for _ in range(20):
+        f.write(b"GET / HTTP/1.1\r\nHost: x\r\ntraceparent: %s\r\n\r\n" % sys.argv[2].encode())
+a, b = socket.socketpair()
+for _ in range(20):
+    a.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    b.recv(4096)
+r, w = os.pipe()
+for _ in range(20):
+    os.write(w, b"GET / HTTP/1.1\r\n\r\n")
+    os.read(r, 4096)
+"""
+
+
+def test_files_pipes_and_unix_sockets_are_not_http(daemon: Daemon, tmp_path: Path) -> None:
+    writer = named(tmp_path, "t_filew", SYSTEM_PYTHON)
+    delta = traffic(daemon, lambda: run([writer, "-c", FILE_WRITER, str(tmp_path / "f"), TP]))
+    assert counts(delta, "t_filew") == {}
+    assert findings(delta, "t_filew") == {}
+
+
+# -- a connection that existed before the daemon started ----------------------------------
+
+KEEPALIVE = r"""
+import http.client, sys
+conn = http.client.HTTPConnection("127.0.0.1", int(sys.argv[1]), timeout=30)
+def one(i):
+    conn.request("GET", f"/ka/{i}", headers={"traceparent": sys.argv[2]})
+    r = conn.getresponse(); r.read(); assert r.status == 200
+one(0)
+print("connected", flush=True)
+sys.stdin.readline()
+for i in range(1, 6):
+    one(i)
+print("done", flush=True)
+"""
+
+
+def test_keepalive_connection_opened_before_daemon(tmp_path: Path) -> None:
+    port = free_port()
+    srv, cli = named(tmp_path, "t_kasrv", SYSTEM_PYTHON), named(tmp_path, "t_kacli", SYSTEM_PYTHON)
+    with server([srv, str(PEERS / "h1_server.py"), "127.0.0.1", str(port)], port):
+        client = subprocess.Popen([cli, "-c", KEEPALIVE, str(port), TP], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE)
+        assert client.stdout is not None and client.stdin is not None
+        assert client.stdout.readline() == b"connected\n"
+        d = Daemon(tmp_path)  # started after the connection exists
+        try:
+            before = d.settle()
+            client.stdin.write(b"go\n")
+            client.stdin.flush()
+            assert client.stdout.readline() == b"done\n"
+            client.wait(10)
+            delta = d.settle() - before
+        finally:
+            t0 = time.monotonic()
+            rc = d.stop()
+            stop_s = time.monotonic() - t0
+    assert rc == 0
+    assert stop_s < 2.0, f"SIGTERM took {stop_s:.2f}s"
+    assert counts(delta, "t_kacli") == exchange("c", "s", "http1", 5, 0)["c"]
+    assert counts(delta, "t_kasrv") == exchange("c", "s", "http1", 5, 0)["s"]
+
+
+def test_self_metrics_present(daemon: Daemon) -> None:
+    snap = daemon.scrape()
+    names = {n for n, _ in snap.samples}
+    for required in (
+        "hopwatch_events_lost_total",
+        "hopwatch_capture_chunks_total",
+        "hopwatch_capture_bytes_total",
+        "hopwatch_connections_tracked",
+        "hopwatch_capture_attached",
+    ):
+        assert required in names, required
+    assert snap.total("hopwatch_capture_attached") == 1
+    assert os.path.exists("/proc/%d" % daemon.proc.pid)
+
+
+def test_daemon_excludes_its_own_traffic(daemon: Daemon) -> None:
+    delta = traffic(daemon, lambda: [daemon.scrape() for _ in range(5)])
+    assert counts(delta, "hopwatch") == {}
+
