@@ -84,6 +84,9 @@ class MessageParsed:
     stream_id: int | None = None  # HTTP/2 stream; HTTP/1: None
     informational: bool = False  # a 1xx response (not the final answer)
     end_stream: bool = False  # HTTP/2: the HEADERS frame closed the stream
+    #: Some propagation header was cut to the parser's value cap, or dropped because the
+    #: message's kept headers exceeded the parser's budget: ``headers`` is incomplete.
+    truncated: bool = False
 
     @property
     def is_request(self) -> bool:
