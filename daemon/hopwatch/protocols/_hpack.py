@@ -1,0 +1,274 @@
+"""A fast, tolerant HPACK block walker for a passive observer.
+
+The per-direction state is a real ``hpack.Decoder`` (its ``header_table`` and its
+``max_allowed_table_size``); only the decode loop is ours, for two reasons:
+
+* Tolerance. ``Decoder.decode`` is all or nothing: one unknown dynamic-table index and the
+  whole block is lost. An observer attached mid-connection meets unknown indices all the
+  time, and the value it cares about (a ``traceparent`` value after a dynamic-table name)
+  is still there as a literal. The walker resolves what it can, reports what it cannot,
+  and keeps the table consistent wherever that is knowable.
+* Speed. hpack's Huffman decoder steps a nibble state machine in Python (four steps per
+  byte incl. flag tests); ours steps a byte-wide table derived from the same states, and
+  the integer decoding is inlined for the one-byte case that dominates real blocks.
+
+Keeping the table consistent, theory of operation
+-------------------------------------------------
+Our dynamic table is always a *prefix* (the newest entries) of the encoder's table:
+
+* From a clean start (preface seen) it is the whole table.
+* Attached mid-connection, or after a reset, it starts empty. Entries inserted from then
+  on sit at the front of the encoder's table, in the same order, with the same sizes; the
+  older entries we never saw sit behind them. Eviction removes the oldest first, so the
+  encoder drops all of the unseen entries before it drops one of ours, and at that moment
+  both tables are identical. An index inside our table is therefore right; an index
+  beyond it is merely *unknown* (``None``), never wrong.
+* The one insertion we cannot mirror is a literal with incremental indexing whose NAME is
+  an unknown index: we know the value, not the entry size. The walker then clears our
+  table (``reset``) after that insertion so the prefix property holds again.
+* A malformed representation (bad Huffman code, integer overflow, index 0) leaves the rest
+  of the block unreadable; the caller resets the table.
+
+The caveat: the prefix property assumes our idea of the table's maximum size is right. A
+size update we never saw (attached after it) can make the encoder evict sooner than we do.
+"""
+
+from __future__ import annotations
+
+from hpack import Decoder
+from hpack.huffman_table import (
+    HUFFMAN_COMPLETE,
+    HUFFMAN_EMIT_SYMBOL,
+    HUFFMAN_FAIL,
+    HUFFMAN_TABLE,
+)
+from hpack.table import HeaderTable
+
+__all__ = [
+    "TABLE_SIZE_CAP",
+    "BlockState",
+    "HpackMalformed",
+    "huffman_decode",
+    "walk",
+]
+
+#: We never let a peer's SETTINGS_HEADER_TABLE_SIZE make our table larger than this.
+TABLE_SIZE_CAP = 1 << 20
+
+_STATIC: tuple[tuple[bytes, bytes], ...] = HeaderTable.STATIC_TABLE
+_NSTATIC = len(_STATIC)
+_VARINT_MAX_BYTES = 5  # 2**35: far beyond any sane length or index
+
+
+class HpackMalformed(Exception):
+    """The block cannot be read past this point (bad Huffman, bad integer, index 0)."""
+
+
+class _Incomplete(Exception):
+    """The representation runs past the end of the bytes we have (streaming)."""
+
+
+# ---------------------------------------------------------------------------------------
+# Huffman: a byte-wide state machine composed from hpack's nibble machine.
+# Entry (state << 8 | byte) -> (next state, bytes emitted, ends on a symbol boundary).
+# State 256 is the dead state (a FAIL was seen); it absorbs everything.
+
+_DEAD = 256
+
+
+def _build_byte_table() -> list[tuple[int, bytes, bool]]:
+    table: list[tuple[int, bytes, bool]] = []
+    for state in range(_DEAD + 1):
+        for byte in range(256):
+            if state == _DEAD:
+                table.append((_DEAD, b"", False))
+                continue
+            out = bytearray()
+            st = state
+            flags = 0
+            dead = False
+            for nibble in (byte >> 4, byte & 0x0F):
+                st, flags, sym = HUFFMAN_TABLE[st * 16 + nibble]
+                if flags & HUFFMAN_FAIL:
+                    dead = True
+                    break
+                if flags & HUFFMAN_EMIT_SYMBOL:
+                    out.append(sym)
+            if dead:
+                table.append((_DEAD, b"", False))
+            else:
+                table.append((st, bytes(out), bool(flags & HUFFMAN_COMPLETE)))
+    return table
+
+
+_HUFF = _build_byte_table()
+
+
+def huffman_decode(raw: bytes) -> bytes:
+    """Decode an HPACK Huffman string (RFC 7541 5.2); raise HpackMalformed if invalid."""
+    if not raw:
+        return b""
+    table = _HUFF
+    state = 0
+    complete = False
+    out = bytearray()
+    for byte in raw:
+        state, emitted, complete = table[(state << 8) | byte]
+        if emitted:
+            out += emitted
+    if state == _DEAD or not complete:
+        raise HpackMalformed("invalid Huffman string")
+    return bytes(out)
+
+
+# ---------------------------------------------------------------------------------------
+
+
+class BlockState:
+    """What the walker learnt from one header block so far (it may span many calls)."""
+
+    __slots__ = (
+        "fields",
+        "malformed",
+        "reset",
+        "size",
+        "size_update_over",
+        "unresolved",
+    )
+
+    def __init__(self) -> None:
+        #: (name, value) in wire order; name None = unknown dynamic index (value known,
+        #: from a literal). Indexed fields we cannot resolve are only counted.
+        self.fields: list[tuple[bytes | None, bytes]] = []
+        #: decoded header list size, RFC 9113 6.5.2: name + value + 32 per field
+        #: (fields we could not resolve count 32 + what is known)
+        self.size = 0
+        self.unresolved = 0  # representations referring to an index we do not have
+        self.reset = False  # the walker cleared the table (unmirrorable insertion)
+        self.malformed: str | None = None
+        self.size_update_over = False  # a size update above max_allowed_table_size
+
+
+def _varint(data: bytes, pos: int, end: int, value: int) -> tuple[int, int]:
+    """Continue an HPACK integer whose prefix was all ones (``value``) at ``pos``."""
+    shift = 0
+    count = 0
+    while True:
+        if pos >= end:
+            raise _Incomplete
+        byte = data[pos]
+        pos += 1
+        value += (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+        count += 1
+        if count >= _VARINT_MAX_BYTES:
+            raise HpackMalformed("HPACK integer too long")
+
+
+def _string(data: bytes, pos: int, end: int) -> tuple[bytes, int]:
+    if pos >= end:
+        raise _Incomplete
+    first = data[pos]
+    length = first & 0x7F
+    pos += 1
+    if length == 0x7F:
+        length, pos = _varint(data, pos, end, 0x7F)
+    stop = pos + length
+    if stop > end:
+        raise _Incomplete
+    raw = data[pos:stop]
+    if first & 0x80:
+        return huffman_decode(raw), stop
+    return raw, stop
+
+
+def walk(decoder: Decoder, data: bytes, pos: int, end: int, state: BlockState) -> int:
+    """Decode the complete representations in ``data[pos:end]`` into ``state``.
+
+    Returns the offset of the first byte not consumed: ``end`` when the block is done,
+    less when the last representation is incomplete (feed it again with more bytes).
+    Raises HpackMalformed when the rest cannot be read (the table may then be behind
+    the encoder's: the caller resets it).
+    """
+    table: HeaderTable = decoder.header_table
+    entries = table.dynamic_entries
+    fields = state.fields
+    static = _STATIC
+    nstatic = _NSTATIC
+    while pos < end:
+        start = pos
+        try:
+            byte = data[pos]
+            if byte & 0x80:
+                # 6.1 indexed header field
+                index = byte & 0x7F
+                pos += 1
+                if index == 0x7F:
+                    index, pos = _varint(data, pos, end, 0x7F)
+                if index == 0:
+                    raise HpackMalformed("HPACK index 0")
+                if index <= nstatic:
+                    name, value = static[index - 1]
+                else:
+                    dyn = index - nstatic - 1
+                    if dyn >= len(entries):
+                        state.unresolved += 1
+                        state.size += 32
+                        continue
+                    name, value = entries[dyn]
+                fields.append((name, value))
+                state.size += len(name) + len(value) + 32
+                continue
+            if byte & 0x40:
+                # 6.2.1 literal with incremental indexing
+                index = byte & 0x3F
+                pos += 1
+                if index == 0x3F:
+                    index, pos = _varint(data, pos, end, 0x3F)
+                indexing = True
+            elif byte & 0x20:
+                # 6.3 dynamic table size update
+                size = byte & 0x1F
+                pos += 1
+                if size == 0x1F:
+                    size, pos = _varint(data, pos, end, 0x1F)
+                if size > decoder.max_allowed_table_size:
+                    state.size_update_over = True
+                table.maxsize = min(size, TABLE_SIZE_CAP)
+                continue
+            else:
+                # 6.2.2 / 6.2.3 literal without indexing / never indexed
+                index = byte & 0x0F
+                pos += 1
+                if index == 0x0F:
+                    index, pos = _varint(data, pos, end, 0x0F)
+                indexing = False
+            lname: bytes | None
+            if index == 0:
+                lname, pos = _string(data, pos, end)
+            elif index <= nstatic:
+                lname = static[index - 1][0]
+            else:
+                dyn = index - nstatic - 1
+                lname = entries[dyn][0] if dyn < len(entries) else None
+            value, pos = _string(data, pos, end)
+        except _Incomplete:
+            return start
+        if lname is None:
+            state.unresolved += 1
+            fields.append((None, value))
+            state.size += len(value) + 32
+            if indexing:
+                # we cannot size this entry: forget the table (see module docstring)
+                limit = table.maxsize
+                table.maxsize = 0  # the setter empties the table and its size count
+                table.maxsize = limit
+                state.reset = True
+            continue
+        fields.append((lname, value))
+        state.size += len(lname) + len(value) + 32
+        if indexing:
+            table.add(lname, value)
+    return pos
