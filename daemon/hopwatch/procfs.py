@@ -15,7 +15,10 @@ the peer address. Everything else about a process and its sockets comes from /pr
   tables of the process's OWN network namespace, so namespaced processes resolve correctly.
   Parsed tables are cached per namespace (keyed by ``/proc/<pid>/ns/net``) for a short time;
   a lookup that misses re-reads the table once, so a socket created after the last read is
-  still found.
+  still found. A table holds every socket of the namespace, so on a busy node one read costs
+  milliseconds: lookups made for every new connection are *budgeted* (a miss re-reads only
+  when the last read is older than ``reread_cost_factor`` times what it cost, i.e. at most
+  ~1/factor of a CPU per namespace; otherwise the answer is ``Lookup.DEFERRED``).
 
 Nothing here raises for a process or fd that vanished: the answer is ``None`` (or an empty
 list). Only the root path is configurable (``ProcFS(root=...)``) so tests can build a fake
@@ -37,6 +40,7 @@ from dataclasses import dataclass
 from hopwatch.capture._types import SockAddr
 
 __all__ = [
+    "Lookup",
     "ProcFS",
     "ProcessInfo",
     "SocketFd",
@@ -276,6 +280,13 @@ class _NetTable:
     sockets: dict[int, TcpSocket]
     listen_ports: frozenset[int]
     read_at: float
+    read_cost: float  # seconds the last read and parse took
+
+
+class Lookup(enum.Enum):
+    """A budgeted lookup that could not re-read the table yet: ask again later."""
+
+    DEFERRED = "deferred"
 
 
 def _socket_inode(link: str) -> int | None:
@@ -307,6 +318,8 @@ class ProcFS:
         process_max_age_s: float = 60.0,
         table_max_age_s: float = 2.0,
         table_cache_size: int = 64,
+        min_reread_s: float = 0.02,
+        reread_cost_factor: float = 20.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.root = root
@@ -314,6 +327,8 @@ class ProcFS:
         self._proc_age = process_max_age_s
         self._table_age = table_max_age_s
         self._table_size = table_cache_size
+        self._min_reread = min_reread_s
+        self._reread_factor = reread_cost_factor
         self._clock = clock
         self._procs: OrderedDict[int, tuple[ProcessInfo, float]] = OrderedDict()
         self._tables: OrderedDict[str, _NetTable] = OrderedDict()
@@ -415,18 +430,25 @@ class ProcFS:
                 out.update(parse_tcp_table(text))
         return out
 
-    def _table(self, pid: int, *, refresh: bool = False) -> _NetTable | None:
+    def _table(
+        self, pid: int, *, refresh: bool = False, budgeted: bool = False
+    ) -> _NetTable | Lookup | None:
         key = self.netns(pid) or f"pid:{pid}"
         now = self._clock()
         cached = self._tables.get(key)
-        if cached is not None and not refresh and now - cached.read_at < self._table_age:
-            self._tables.move_to_end(key)
-            return cached
+        if cached is not None:
+            age = now - cached.read_at
+            if not refresh and age < self._table_age:
+                self._tables.move_to_end(key)
+                return cached
+            if budgeted and age < max(self._min_reread, self._reread_factor * cached.read_cost):
+                return Lookup.DEFERRED
+        started = time.perf_counter()
         sockets = self.read_tcp_table(pid)
         if sockets is None:
             return None
         listen = frozenset(s.local.port for s in sockets.values() if s.state == TcpState.LISTEN)
-        table = _NetTable(sockets, listen, now)
+        table = _NetTable(sockets, listen, now, time.perf_counter() - started)
         self._tables[key] = table
         self._tables.move_to_end(key)
         while len(self._tables) > self._table_size:
@@ -439,25 +461,32 @@ class ProcFS:
         for key in [k for k, t in self._tables.items() if now - t.read_at >= self._table_age]:
             del self._tables[key]
 
-    def _lookup(self, pid: int, inode: int) -> tuple[TcpSocket, frozenset[int]] | None:
+    def _lookup(
+        self, pid: int, inode: int, *, budgeted: bool = False
+    ) -> tuple[TcpSocket, frozenset[int]] | Lookup | None:
         table = self._table(pid)
-        if table is None:
+        if not isinstance(table, _NetTable):
             return None
         sock = table.sockets.get(inode)
         if sock is None or (sock.state != TcpState.LISTEN and sock.remote.port == 0):
             # Created (or connected) after the cached read: read again, once.
-            table = self._table(pid, refresh=True)
-            if table is None:
-                return None
+            table = self._table(pid, refresh=True, budgeted=budgeted)
+            if not isinstance(table, _NetTable):
+                return table
             sock = table.sockets.get(inode)
             if sock is None:
                 return None
         return sock, table.listen_ports
 
-    def tcp_socket(self, pid: int, inode: int) -> TcpSocket | None:
-        """The TCP socket with this inode in ``pid``'s network namespace, or None."""
-        found = self._lookup(pid, inode)
-        return found[0] if found else None
+    def tcp_socket(
+        self, pid: int, inode: int, *, budgeted: bool = False
+    ) -> TcpSocket | Lookup | None:
+        """The TCP socket with this inode in ``pid``'s network namespace, or None.
+
+        ``budgeted``: give ``Lookup.DEFERRED`` instead of re-reading a table read too recently.
+        """
+        found = self._lookup(pid, inode, budgeted=budgeted)
+        return found[0] if isinstance(found, tuple) else found
 
     def resolve_fd(self, pid: int, fd: int) -> SocketFd | None:
         """The inet TCP socket behind ``pid``'s ``fd`` with a role guess, else None.
@@ -473,7 +502,7 @@ class ProcFS:
         if proto is not None and proto not in _INET_TCP:
             return None
         found = self._lookup(pid, inode)
-        if found is None:
+        if not isinstance(found, tuple):
             return None
         sock, listen = found
         return SocketFd(pid, fd, sock, guess_role(sock, listen))
@@ -483,13 +512,21 @@ class ProcFS:
         inodes: list[tuple[int, int]] = []
         for fd in self.fds(pid):
             inode = self.socket_inode(pid, fd)
-            if inode is not None:
+            if inode is None:
+                continue
+            proto = self.socket_protocol(pid, fd)
+            if proto is None or proto in _INET_TCP:
                 inodes.append((fd, inode))
         if not inodes:
             return []
-        table = self._table(pid, refresh=True)
-        if table is None:
+        table = self._table(pid)
+        if not isinstance(table, _NetTable):
             return []
+        if any(inode not in table.sockets for _, inode in inodes):
+            # a TCP socket newer than the cached read (or, in a fake tree, a non-TCP one)
+            table = self._table(pid, refresh=True)
+            if not isinstance(table, _NetTable):
+                return []
         out: list[SocketFd] = []
         for fd, inode in inodes:
             sock = table.sockets.get(inode)
@@ -500,7 +537,7 @@ class ProcFS:
     def listen_ports(self, pid: int) -> frozenset[int]:
         """Ports with a listening TCP socket in ``pid``'s network namespace."""
         table = self._table(pid)
-        return table.listen_ports if table else frozenset()
+        return table.listen_ports if isinstance(table, _NetTable) else frozenset()
 
 
 def guess_role(sock: TcpSocket, listen_ports: Container[int]) -> str:

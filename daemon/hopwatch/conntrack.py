@@ -1,0 +1,384 @@
+"""The connection table: ``(tgid, fd) -> Connection``.
+
+Theory of operation
+-------------------
+The capture source reports connect() and accept() on inet sockets (``ConnOpened``), close()
+(``ConnClosed``) and process exit (``ProcessExited``). Each open creates a ``Connection`` with
+the peer address from the event, the role, and the process identity read from /proc right
+away (a short-lived client may be gone a moment later; then the event's ``comm`` stands in).
+
+An fd is a small integer the process reuses as soon as it closes one, so the table trusts the
+event order: a new ``ConnOpened`` on a key still present replaces the old entry (counted as
+``replaced``: the close was lost or not traced), a ``ConnClosed`` removes it, and a process
+exit removes every fd of the process.
+
+Data can arrive on an fd the table never saw opened: a keep-alive connection that existed
+before the daemon started, or an open event that was lost. ``get_or_adopt`` then asks /proc:
+only an inet TCP socket with a peer becomes a Connection (``adopted``, role guessed from the
+namespace's listening ports). Anything else (unix sockets, pipes, files, vanished fds) is
+remembered negatively for ``negative_ttl_ns`` so that a process writing a file in a loop
+costs one dictionary lookup per write, not a /proc walk.
+
+Addresses are resolved lazily: the socket inode is pinned when the connection opens (one
+readlink), and the local address (and the peer, when the event had none) is read from the
+namespace's TCP table when the first data arrives (``get_or_adopt``) or when someone calls
+``resolve()``: connections that never carry data never cost a table read. On the data path
+the table re-read is budgeted (see ``hopwatch.procfs``): when the budget says "not yet", the
+attempt is repeated on the next data. A result whose remote end disagrees with the peer from
+the event is rejected (the fd was reused before we looked); the outcome, success or failure,
+is then kept on the connection.
+
+Bounds: at most ``max_entries`` connections; the least recently used one is evicted beyond
+that (``evicted``). ``evict_idle`` removes connections with no traffic for a while. Every
+removal that the caller did not ask for by name (replacement, LRU eviction, idle eviction)
+is reported through ``on_drop`` so the pipeline can finish the per-connection parser state.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+from hopwatch.capture._types import ConnOpened, SockAddr
+from hopwatch.procfs import Lookup, ProcessInfo, ProcFS, SocketFd, TcpSocket, normalize_addr
+
+__all__ = ["Connection", "ConnectionTable", "DropReason"]
+
+DropReason = str  # "replaced" | "evicted" | "idle"
+
+_COUNTERS = (
+    "opened",  # ConnOpened events taken in
+    "closed",  # ConnClosed that matched an entry
+    "adopted",  # unknown fds with data that turned out to be inet TCP sockets
+    "scanned",  # connections found by scan_existing
+    "replaced",  # ConnOpened on a key still in the table (fd reuse, lost close)
+    "evicted",  # dropped by the max_entries bound (least recently used)
+    "idle_evicted",  # dropped by evict_idle
+    "exited",  # dropped because their process exited
+    "not_inet",  # adoption refused: not an inet TCP socket, or the fd is gone
+    "resolve_failed",  # /proc could not tell the addresses of a connection
+    "resolve_deferred",  # a resolution postponed by the table re-read budget (retried)
+)
+
+
+@dataclass(slots=True, eq=False)
+class Connection:
+    """One tracked connection. ``state`` belongs to the pipeline (the stream parser)."""
+
+    tgid: int
+    fd: int
+    role: str  # "client" | "server"
+    process: ProcessInfo
+    peer: SockAddr | None
+    local: SockAddr | None
+    created_ns: int
+    last_seen_ns: int
+    origin: str  # "opened" | "adopted" | "scanned"
+    inode: int = 0  # socket inode when known (0: unknown)
+    resolved: bool = False  # /proc resolution was attempted (its result is cached)
+    state: object | None = None
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.tgid, self.fd)
+
+
+class ConnectionTable:
+    """Bounded map of ``(tgid, fd)`` to ``Connection``. Not thread-safe: one consumer."""
+
+    def __init__(
+        self,
+        procfs: ProcFS | None = None,
+        *,
+        max_entries: int = 200_000,
+        negative_ttl_ns: int = 5_000_000_000,
+        max_negative: int = 65_536,
+        on_drop: Callable[[Connection, DropReason], None] | None = None,
+        clock: Callable[[], int] = time.monotonic_ns,
+    ) -> None:
+        if max_entries < 1:
+            raise ValueError("max_entries must be at least 1")
+        self.procfs = procfs if procfs is not None else ProcFS()
+        self.max_entries = max_entries
+        self.negative_ttl_ns = negative_ttl_ns
+        self.max_negative = max_negative
+        self._on_drop = on_drop
+        self._clock = clock
+        # Insertion/touch order is the LRU order: the first item is the least recently used.
+        self._conns: OrderedDict[tuple[int, int], Connection] = OrderedDict()
+        self._by_tgid: dict[int, set[int]] = {}
+        # tgid -> {fd: expiry_ns}; the whole map is bounded by max_negative entries.
+        self._negative: dict[int, dict[int, int]] = {}
+        self._negative_count = 0
+        self._counters = dict.fromkeys(_COUNTERS, 0)
+
+    # -- introspection ---------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._conns)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._conns
+
+    def __iter__(self) -> Iterator[Connection]:
+        """A snapshot, least recently used first (safe to mutate the table meanwhile)."""
+        return iter(list(self._conns.values()))
+
+    def counters(self) -> dict[str, int]:
+        """Monotonic counters by event, for ``connections_total{event}``."""
+        return dict(self._counters)
+
+    @property
+    def negative_cached(self) -> int:
+        """How many (tgid, fd) pairs are remembered as not worth a /proc look."""
+        return self._negative_count
+
+    # -- events ----------------------------------------------------------------------------
+
+    def open(self, ev: ConnOpened) -> Connection:
+        """connect()/accept() seen: track the connection, replacing an older one on the fd."""
+        key = (ev.tgid, ev.fd)
+        self._forget_negative(ev.tgid, ev.fd)
+        old = self._conns.get(key)
+        if old is not None:
+            self._remove(key)
+            self._counters["replaced"] += 1
+            self._dropped(old, "replaced")
+        conn = Connection(
+            tgid=ev.tgid,
+            fd=ev.fd,
+            role=ev.role,
+            process=self._process(ev.tgid, ev.comm),
+            peer=normalize_addr(ev.peer),
+            local=None,
+            created_ns=ev.ts_ns,
+            last_seen_ns=ev.ts_ns,
+            origin="opened",
+            inode=self.procfs.socket_inode(ev.tgid, ev.fd) or 0,
+        )
+        self._insert(conn)
+        self._counters["opened"] += 1
+        return conn
+
+    def close(self, tgid: int, fd: int) -> Connection | None:
+        """close() seen: the removed connection, or None when the fd was not tracked."""
+        self._forget_negative(tgid, fd)
+        conn = self._conns.get((tgid, fd))
+        if conn is None:
+            return None
+        self._remove((tgid, fd))
+        self._counters["closed"] += 1
+        return conn
+
+    def process_exited(self, tgid: int) -> list[Connection]:
+        """The process exited: every connection it held, removed."""
+        self.procfs.forget(tgid)
+        dropped = self._negative.pop(tgid, None)
+        if dropped:
+            self._negative_count -= len(dropped)
+        fds = self._by_tgid.pop(tgid, None)
+        if not fds:
+            return []
+        out = [self._conns.pop((tgid, fd)) for fd in sorted(fds)]
+        self._counters["exited"] += len(out)
+        return out
+
+    # -- lookups ---------------------------------------------------------------------------
+
+    def get(self, tgid: int, fd: int) -> Connection | None:
+        """Peek: no adoption, no LRU touch."""
+        return self._conns.get((tgid, fd))
+
+    def touch(self, conn: Connection, ts_ns: int) -> None:
+        """Traffic on a tracked connection: mark it recently used."""
+        conn.last_seen_ns = max(conn.last_seen_ns, ts_ns)
+        self._conns.move_to_end((conn.tgid, conn.fd))
+
+    def get_or_adopt(self, tgid: int, fd: int, ts_ns: int, comm: str = "") -> Connection | None:
+        """The data path: the tracked connection (touched), or one adopted from /proc.
+
+        None when the fd is not an inet TCP socket with a peer (remembered for a while).
+        """
+        key = (tgid, fd)
+        conn = self._conns.get(key)
+        if conn is not None:
+            if ts_ns > conn.last_seen_ns:
+                conn.last_seen_ns = ts_ns
+            self._conns.move_to_end(key)
+            if not conn.resolved:
+                self.resolve(conn, budgeted=True)
+            return conn
+        negs = self._negative.get(tgid)
+        if negs is not None:
+            expiry = negs.get(fd)
+            if expiry is not None:
+                if ts_ns < expiry:
+                    return None
+                del negs[fd]
+                self._negative_count -= 1
+        found = self.procfs.resolve_fd(tgid, fd)
+        if found is None or not found.socket.connected:
+            self._counters["not_inet"] += 1
+            self._remember_negative(tgid, fd, ts_ns + self.negative_ttl_ns)
+            return None
+        conn = self._from_socket(found, ts_ns, "adopted", comm)
+        self._insert(conn)
+        self._counters["adopted"] += 1
+        return conn
+
+    def resolve(self, conn: Connection, *, budgeted: bool = False) -> bool:
+        """Fill ``local`` (and ``peer`` if missing) from /proc, once. True when ``local`` is known.
+
+        Cheap after the first call: the outcome, success or failure, is kept on the connection.
+        ``budgeted``: when the namespace table was re-read too recently, leave the connection
+        unresolved (False) so that a later call tries again.
+        """
+        if conn.resolved:
+            return conn.local is not None
+        inode = conn.inode or self.procfs.socket_inode(conn.tgid, conn.fd) or 0
+        sock = self.procfs.tcp_socket(conn.tgid, inode, budgeted=budgeted) if inode else None
+        if sock is Lookup.DEFERRED:
+            self._counters["resolve_deferred"] += 1
+            return False
+        conn.resolved = True
+        if not isinstance(sock, TcpSocket) or (
+            conn.peer is not None and not _same_addr(conn.peer, sock.remote)
+        ):
+            self._counters["resolve_failed"] += 1
+            return False
+        conn.inode = inode
+        conn.local = sock.local
+        if conn.peer is None:
+            conn.peer = sock.remote
+        return True
+
+    # -- bulk ------------------------------------------------------------------------------
+
+    def scan_existing(self, pids: Iterable[int] | None = None) -> list[Connection]:
+        """Track every connected inet TCP socket already open (at daemon start).
+
+        ``pids`` None means every process but the daemon itself. Listeners and sockets
+        without a peer are not connections; fds already tracked are left alone.
+        """
+        if pids is None:
+            me = os.getpid()
+            pids = [p for p in self.procfs.pids() if p != me]
+        now = self._clock()
+        out: list[Connection] = []
+        for pid in pids:
+            for found in self.procfs.tcp_fds(pid):
+                if not found.socket.connected or (pid, found.fd) in self._conns:
+                    continue
+                conn = self._from_socket(found, now, "scanned", "")
+                self._insert(conn)
+                self._counters["scanned"] += 1
+                out.append(conn)
+        return out
+
+    def evict_idle(self, now_ns: int, idle_ns: int) -> list[Connection]:
+        """Drop connections without traffic since ``now_ns - idle_ns``; also expire caches."""
+        cutoff = now_ns - idle_ns
+        out: list[Connection] = []
+        while self._conns:
+            key, conn = next(iter(self._conns.items()))
+            if conn.last_seen_ns > cutoff:
+                break
+            self._remove(key)
+            out.append(conn)
+        self._counters["idle_evicted"] += len(out)
+        for conn in out:
+            self._dropped(conn, "idle")
+        self._expire_negative(now_ns)
+        self.procfs.expire_tables()
+        return out
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _process(self, tgid: int, comm: str) -> ProcessInfo:
+        info = self.procfs.process(tgid)
+        if info is not None:
+            return info
+        return ProcessInfo(tgid, comm or "unknown")
+
+    def _from_socket(self, found: SocketFd, ts_ns: int, origin: str, comm: str) -> Connection:
+        sock = found.socket
+        return Connection(
+            tgid=found.pid,
+            fd=found.fd,
+            role=found.role,
+            process=self._process(found.pid, comm),
+            peer=sock.remote,
+            local=sock.local,
+            created_ns=ts_ns,
+            last_seen_ns=ts_ns,
+            origin=origin,
+            inode=sock.inode,
+            resolved=True,
+        )
+
+    def _insert(self, conn: Connection) -> None:
+        key = (conn.tgid, conn.fd)
+        self._conns[key] = conn
+        fds = self._by_tgid.get(conn.tgid)
+        if fds is None:
+            self._by_tgid[conn.tgid] = {conn.fd}
+        else:
+            fds.add(conn.fd)
+        while len(self._conns) > self.max_entries:
+            old_key, old = next(iter(self._conns.items()))
+            self._remove(old_key)
+            self._counters["evicted"] += 1
+            self._dropped(old, "evicted")
+
+    def _remove(self, key: tuple[int, int]) -> None:
+        del self._conns[key]
+        fds = self._by_tgid.get(key[0])
+        if fds is not None:
+            fds.discard(key[1])
+            if not fds:
+                del self._by_tgid[key[0]]
+
+    def _dropped(self, conn: Connection, reason: DropReason) -> None:
+        if self._on_drop is not None:
+            self._on_drop(conn, reason)
+
+    def _remember_negative(self, tgid: int, fd: int, expiry_ns: int) -> None:
+        if self.max_negative <= 0:
+            return
+        while self._negative_count >= self.max_negative and self._negative:
+            # Oldest process first: a cache, so coarse eviction is fine.
+            oldest = next(iter(self._negative))
+            self._negative_count -= len(self._negative.pop(oldest))
+        negs = self._negative.setdefault(tgid, {})
+        if fd not in negs:
+            self._negative_count += 1
+        negs[fd] = expiry_ns
+
+    def _forget_negative(self, tgid: int, fd: int) -> None:
+        negs = self._negative.get(tgid)
+        if negs is not None and negs.pop(fd, None) is not None:
+            self._negative_count -= 1
+            if not negs:
+                del self._negative[tgid]
+
+    def _expire_negative(self, now_ns: int) -> None:
+        for tgid in list(self._negative):
+            negs = self._negative[tgid]
+            for fd in [fd for fd, exp in negs.items() if exp <= now_ns]:
+                del negs[fd]
+                self._negative_count -= 1
+            if not negs:
+                del self._negative[tgid]
+
+
+def _same_addr(a: SockAddr, b: SockAddr) -> bool:
+    if a.port != b.port:
+        return False
+    try:
+        return ipaddress.ip_address(a.host) == ipaddress.ip_address(b.host)
+    except ValueError:
+        return a.host == b.host
