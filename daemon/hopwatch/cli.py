@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import typer
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -12,6 +14,31 @@ def run() -> None:
     """Run the daemon (live eBPF capture)."""
     typer.echo("hopwatch run: live capture is not built yet (issue 3)", err=True)
     raise typer.Exit(2)
+
+
+@app.command()
+def check(
+    lines: list[str] | None = typer.Argument(  # noqa: B008
+        None,
+        metavar="HEADER_LINE",
+        help="'name: value' header lines; read from stdin when none are given.",
+    ),
+    json_output: bool = typer.Option(
+        False, "--json", help="One JSON object per input line instead of a table."
+    ),
+) -> None:
+    """Validate propagation header lines (traceparent, tracestate, baggage, b3, x-b3-*)."""
+    from hopwatch._check_cmd import UsageError, check_lines, parse_lines, render_json, render_table
+
+    source = lines if lines else sys.stdin
+    try:
+        pairs = parse_lines(source)
+    except UsageError as exc:
+        typer.echo(f"hopwatch check: {exc}", err=True)
+        raise typer.Exit(1) from None
+    checked = check_lines(pairs)
+    if checked:
+        typer.echo(render_json(checked) if json_output else render_table(checked))
 
 
 def main() -> None:
