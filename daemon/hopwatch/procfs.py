@@ -28,6 +28,7 @@ tree.
 from __future__ import annotations
 
 import enum
+import functools
 import os
 import re
 import socket
@@ -191,6 +192,7 @@ def parse_cgroup(text: str) -> tuple[str | None, str | None, str | None]:
 # sockets
 
 
+@functools.lru_cache(maxsize=4096)  # a node talks to few distinct addresses: rows repeat them
 def decode_addr(hex_addr: str) -> tuple[int, str]:
     """One address column of /proc/net/tcp{,6} (without the port) -> (family, text).
 
@@ -242,26 +244,45 @@ def _parse_endpoint(col: str) -> SockAddr:
     return SockAddr(family, host, int(hex_port, 16))
 
 
+_STATES: dict[str, TcpState] = {f"{s.value:02X}": s for s in TcpState}
+
+
+# A row kept unparsed until someone asks for it: (local column, remote column, state).
+_Row = tuple[str, str, TcpState]
+
+
+def _index_tcp_table(text: str, out: dict[int, _Row]) -> None:
+    """Index rows by inode without decoding addresses (a namespace can hold 100k rows)."""
+    for line in text.splitlines()[1:]:
+        f = line.split(None, 10)
+        if len(f) < 10 or f[9] == "0":
+            continue
+        state = _STATES.get(f[3].upper())
+        if state is None or not f[9].isdigit():
+            continue
+        out[int(f[9])] = (f[1], f[2], state)
+
+
+def _make_socket(inode: int, row: _Row) -> TcpSocket | None:
+    try:
+        return TcpSocket(inode, _parse_endpoint(row[0]), _parse_endpoint(row[1]), row[2])
+    except ValueError:
+        return None
+
+
 def parse_tcp_table(text: str) -> dict[int, TcpSocket]:
     """Text of /proc/net/tcp or tcp6 -> {inode: TcpSocket}.
 
     Rows without an inode (TIME_WAIT, request sockets: inode 0) belong to no fd and are left
     out; a malformed row is skipped.
     """
+    rows: dict[int, _Row] = {}
+    _index_tcp_table(text, rows)
     out: dict[int, TcpSocket] = {}
-    for line in text.splitlines()[1:]:
-        f = line.split()
-        if len(f) < 10:
-            continue
-        try:
-            inode = int(f[9])
-            if inode == 0:
-                continue
-            state_no = int(f[3], 16)
-            state = TcpState(state_no)
-            out[inode] = TcpSocket(inode, _parse_endpoint(f[1]), _parse_endpoint(f[2]), state)
-        except ValueError:
-            continue
+    for inode, row in rows.items():
+        sock = _make_socket(inode, row)
+        if sock is not None:
+            out[inode] = sock
     return out
 
 
@@ -277,10 +298,14 @@ class SocketFd:
 
 @dataclass(slots=True)
 class _NetTable:
-    sockets: dict[int, TcpSocket]
+    rows: dict[int, _Row]
     listen_ports: frozenset[int]
     read_at: float
-    read_cost: float  # seconds the last read and parse took
+    read_cost: float  # seconds the last read and index took
+
+    def get(self, inode: int) -> TcpSocket | None:
+        row = self.rows.get(inode)
+        return _make_socket(inode, row) if row is not None else None
 
 
 class Lookup(enum.Enum):
@@ -418,17 +443,23 @@ class ProcFS:
         except OSError:
             return None
 
-    def read_tcp_table(self, pid: int) -> dict[int, TcpSocket] | None:
-        """Uncached: every TCP socket (v4 and v6) of the namespace ``pid`` lives in."""
+    def _read_rows(self, pid: int) -> dict[int, _Row] | None:
         texts = [self._read(pid, "net", name) for name in ("tcp", "tcp6")]
         if texts[0] is None and texts[1] is None:
             return None
         self.table_reads += 1
-        out: dict[int, TcpSocket] = {}
+        rows: dict[int, _Row] = {}
         for text in texts:
             if text:
-                out.update(parse_tcp_table(text))
-        return out
+                _index_tcp_table(text, rows)
+        return rows
+
+    def read_tcp_table(self, pid: int) -> dict[int, TcpSocket] | None:
+        """Uncached: every TCP socket (v4 and v6) of the namespace ``pid`` lives in."""
+        rows = self._read_rows(pid)
+        if rows is None:
+            return None
+        return {i: s for i, r in rows.items() if (s := _make_socket(i, r)) is not None}
 
     def _table(
         self, pid: int, *, refresh: bool = False, budgeted: bool = False
@@ -444,11 +475,13 @@ class ProcFS:
             if budgeted and age < max(self._min_reread, self._reread_factor * cached.read_cost):
                 return Lookup.DEFERRED
         started = time.perf_counter()
-        sockets = self.read_tcp_table(pid)
-        if sockets is None:
+        rows = self._read_rows(pid)
+        if rows is None:
             return None
-        listen = frozenset(s.local.port for s in sockets.values() if s.state == TcpState.LISTEN)
-        table = _NetTable(sockets, listen, now, time.perf_counter() - started)
+        listen = frozenset(
+            int(r[0].rpartition(":")[2], 16) for r in rows.values() if r[2] == TcpState.LISTEN
+        )
+        table = _NetTable(rows, listen, now, time.perf_counter() - started)
         self._tables[key] = table
         self._tables.move_to_end(key)
         while len(self._tables) > self._table_size:
@@ -467,13 +500,13 @@ class ProcFS:
         table = self._table(pid)
         if not isinstance(table, _NetTable):
             return None
-        sock = table.sockets.get(inode)
+        sock = table.get(inode)
         if sock is None or (sock.state != TcpState.LISTEN and sock.remote.port == 0):
             # Created (or connected) after the cached read: read again, once.
             table = self._table(pid, refresh=True, budgeted=budgeted)
             if not isinstance(table, _NetTable):
                 return table
-            sock = table.sockets.get(inode)
+            sock = table.get(inode)
             if sock is None:
                 return None
         return sock, table.listen_ports
@@ -522,14 +555,14 @@ class ProcFS:
         table = self._table(pid)
         if not isinstance(table, _NetTable):
             return []
-        if any(inode not in table.sockets for _, inode in inodes):
+        if any(inode not in table.rows for _, inode in inodes):
             # a TCP socket newer than the cached read (or, in a fake tree, a non-TCP one)
             table = self._table(pid, refresh=True)
             if not isinstance(table, _NetTable):
                 return []
         out: list[SocketFd] = []
         for fd, inode in inodes:
-            sock = table.sockets.get(inode)
+            sock = table.get(inode)
             if sock is not None:
                 out.append(SocketFd(pid, fd, sock, guess_role(sock, table.listen_ports)))
         return out
