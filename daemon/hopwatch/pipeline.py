@@ -37,7 +37,7 @@ from hopwatch.protocols import (
     StreamReset,
 )
 
-__all__ = ["CaptureControl", "Observation", "Pipeline"]
+__all__ = ["AuditHook", "CaptureControl", "Observation", "Pipeline"]
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,12 @@ class Observation:
 Observer = Callable[[Observation], None]
 
 
+class AuditHook(Protocol):
+    """Where the per-message findings go besides the metrics (the audit log)."""
+
+    def message_findings(self, obs: Observation) -> None: ...
+
+
 def _origin(role: str, direction: Direction) -> Origin:
     # A client sends requests and receives responses; a server the reverse.
     if role == "client":
@@ -85,12 +91,14 @@ class Pipeline:
         *,
         control: CaptureControl | None = None,
         observers: Iterable[Observer] = (),
+        audit: AuditHook | None = None,
     ) -> None:
         self.config = config
         self.metrics = metrics
         self.conns = conns
         self.control = control
         self.observers: list[Observer] = [self._count, *observers]
+        self.audit = audit
         self.lost: dict[str, int] = {}
 
     # -- events -----------------------------------------------------------------------
@@ -113,6 +121,10 @@ class Pipeline:
         for ev in events:
             self.handle(ev)
 
+    def connection_dropped(self, conn: Connection, reason: object = None) -> None:
+        """The table let go of a connection (replaced, evicted): finish its parser."""
+        self._eof(conn)
+
     def _eof(self, conn: Connection) -> None:
         parser = conn.state
         if isinstance(parser, ConnectionParser):
@@ -124,7 +136,7 @@ class Pipeline:
         direction = chunk.direction.value
         m.chunks.labels(direction).inc()
         m.bytes.labels(direction).inc(len(chunk.data))
-        conn = self.conns.get_or_adopt(chunk.tgid, chunk.fd, chunk.ts_ns)
+        conn = self.conns.get_or_adopt(chunk.tgid, chunk.fd, chunk.ts_ns, chunk.comm)
         if conn is None:
             m.unknown_fd.inc()
             return
@@ -220,6 +232,8 @@ class Pipeline:
                 continue
             seen.add(key)
             m.findings.labels(f.kind, f.header, process, peer).inc()
+        if self.audit is not None:
+            self.audit.message_findings(obs)
 
 
 def peer_label(obs: Observation) -> str:

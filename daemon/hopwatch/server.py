@@ -70,7 +70,9 @@ class Daemon:
             max_process_labels=config.max_process_labels,
             max_peer_labels=config.max_peer_labels,
         )
-        self.conns = ConnectionTable(max_entries=config.max_connections)
+        self.conns = ConnectionTable(
+            max_entries=config.max_connections, on_drop=self._connection_dropped
+        )
         self.capture: Any = None
         self.pipeline: Pipeline | None = None
         self._observers = observers
@@ -78,6 +80,10 @@ class Daemon:
         self._stop = threading.Event()
         self._reload = False
         self._http: Any = None
+
+    def _connection_dropped(self, conn: Any, reason: object) -> None:
+        if self.pipeline is not None:
+            self.pipeline.connection_dropped(conn, reason)
 
     # -- signals ------------------------------------------------------------------------
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
