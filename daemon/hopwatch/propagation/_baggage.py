@@ -21,7 +21,7 @@ found. Findings name the member's index and key, never its value.
 from __future__ import annotations
 
 import re
-from urllib.parse import unquote_to_bytes
+from urllib.parse import unquote, unquote_to_bytes
 
 from . import _sensitive
 from ._members import OWS, MemberProblems, byte_length, split_list
@@ -82,8 +82,11 @@ def check_baggage(values: list[str], limits: Limits, sensitive: bool, out: list[
                 if problems is None:
                     problems = MemberProblems(MALFORMED, HEADER)
                 _diagnose(member, count, problems)
-                if sensitive and (len(member) >= _SCAN_MIN or "@" in member):
-                    texts.append((count, "", member))
+                if sensitive:
+                    # Still look for secrets: decode what can be decoded, keep the rest.
+                    text = unquote(member, errors="replace") if "%" in member else member
+                    if len(text) >= _SCAN_MIN or "@" in text:
+                        texts.append((count, "", text))
                 continue
             key = m.group(1)
             rest = member[m.end(1) :]
@@ -124,7 +127,7 @@ def _percent(
     """Validate the percent-encoding of a member's value and properties.
 
     Returns the problems so far and the text the detectors should see: the decoded text
-    when decoding was needed, the raw text when it failed, "" when nothing needs a look.
+    (best effort when the encoding is broken), or "" when nothing needs a look.
     """
     if _BAD_PERCENT.search(rest) is not None:
         if problems is None:
@@ -132,7 +135,7 @@ def _percent(
         problems.add(
             "baggage.bad_percent_encoding", index, "a percent sign not followed by two hex digits"
         )
-        return problems, rest
+        return problems, unquote(rest, errors="replace") if sensitive else ""
     scan = sensitive and (len(rest) >= _SCAN_MIN or "@" in rest or "%40" in rest)
     if not scan and _NON_ASCII_ESCAPE.search(rest) is None:
         return problems, ""  # short, ASCII-only escapes: valid, nothing to look at
@@ -142,7 +145,7 @@ def _percent(
         if problems is None:
             problems = MemberProblems(MALFORMED, HEADER)
         problems.add("baggage.bad_utf8", index, "percent-decoded value is not UTF-8")
-        return problems, rest
+        return problems, unquote(rest, errors="replace") if sensitive else ""
     return problems, plain
 
 
