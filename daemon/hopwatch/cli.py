@@ -41,5 +41,29 @@ def check(
         typer.echo(render_json(checked) if json_output else render_table(checked))
 
 
+@app.command()
+def audit(
+    path: str = typer.Argument(..., metavar="FILE", help="The audit log (JSON lines)."),
+    json_output: bool = typer.Option(False, "--json", help="One JSON document instead of text."),
+    rotated: bool = typer.Option(
+        True, "--rotated/--no-rotated", help="Also read FILE.1 ... FILE.N (rotated lines)."
+    ),
+) -> None:
+    """Which third-party destinations received trace context or baggage, from which
+    process, how often, first and last seen."""
+    import json as _json
+
+    from hopwatch.audit import format_report, read_audit_lines, summarize
+
+    try:
+        report = summarize(read_audit_lines(path, rotated=rotated))
+    except OSError as exc:
+        typer.echo(f"hopwatch audit: cannot read {path}: {exc.strerror or exc}", err=True)
+        raise typer.Exit(1) from None
+    if json_output:
+        typer.echo(_json.dumps(report.as_dict(), indent=2))
+    else:
+        typer.echo(format_report(report))
+
 def main() -> None:
     app()

@@ -162,6 +162,44 @@ class Metrics:
             ["label"],
             registry=r,
         )
+        # Hop analysis (hops.py) and the audit log (audit.py).
+        self.hops = Counter(
+            "hopwatch_hops",
+            "Outbound requests attributed to the inbound request they serve, by the trace "
+            "context each carried (w3c, b3, both, none): the B3-to-W3C migration view.",
+            ["process", "peer", "inbound_context", "outbound_context"],
+            registry=r,
+        )
+        self.unattributed = Counter(
+            "hopwatch_unattributed_requests",
+            "Outbound requests of a process with open inbound requests that could not be "
+            "attributed to one of them (never guessed).",
+            ["process"],
+            registry=r,
+        )
+        self.hop_evictions = Counter(
+            "hopwatch_hop_state_evictions",
+            "Hop-analysis state dropped before completion, by reason (process_cap, open_cap, "
+            "connection_cap, pending_cap, expired).",
+            ["reason"],
+            registry=r,
+        )
+        self.audit_lines = Counter(
+            "hopwatch_audit_lines",
+            "Lines written to the audit log.",
+            registry=r,
+        )
+        self.audit_write_errors = Counter(
+            "hopwatch_audit_write_errors",
+            "Audit-log lines that could not be written (disk full, unwritable, rotation "
+            "failure); the daemon keeps running.",
+            registry=r,
+        )
+        self.audit_rotations = Counter(
+            "hopwatch_audit_rotations",
+            "Size-based rotations of the audit log.",
+            registry=r,
+        )
         self.up = Gauge(
             "hopwatch_capture_attached",
             "1 while the eBPF programs are loaded and attached.",
