@@ -351,6 +351,15 @@ def test_same_thread_wins_most_recent_first() -> None:
     assert rig.unattributed() is None
 
 
+def test_event_loop_thread_prefers_method_and_path() -> None:
+    # an nginx worker: one thread reads every request, proxies /a without traceparent
+    rig = Rig()
+    rig(_obs("inbound", request((("traceparent", TP_A),), path="/a"), fd=5, tid=1))
+    rig(_obs("inbound", request((("b3", B3_B),), path="/b"), fd=6, tid=1))
+    rig(_obs("outbound", request((), path="/a"), fd=9, tid=1))
+    assert rig.all_findings() == {("stripped", "traceparent", UP): 1.0}
+
+
 def test_proxy_same_method_and_path() -> None:
     rig = Rig()
     rig(_obs("inbound", request((("traceparent", TP_A),), path="/a"), fd=5, tid=1))

@@ -23,7 +23,8 @@ an outbound request"), strongest rule first:
    evidence there is, and it keeps single-threaded event loops (one tid reads every
    request) from being misattributed; among several such I the rules below choose, and
    the most recent wins a tie (they are one trace);
-1. the thread that wrote O read I (the most recent such I);
+1. the thread that wrote O read I (the most recent such I; when that thread reads many
+   requests, an event loop, one of them with O's method and path is preferred);
 2. O repeats the method and path of exactly one open I (proxies);
 3. I is the only open inbound request.
 
@@ -85,6 +86,7 @@ REJECT_STATUSES: frozenset[int] = frozenset({400, 413, 431})
 #: The header label of each trace-context format (B3 single and multi are both "b3").
 FORMAT_HEADER = {"w3c": "traceparent", "b3": "b3"}
 
+_MAX_PENDING_OVERSIZED = 64  # per connection, waiting for their answer
 _MALFORMED = "malformed"
 _OVERSIZED = "oversized"
 
@@ -200,8 +202,8 @@ def destination_of(obs: Observation, tunnel: Destination | None = None) -> Desti
     """The destination of an outbound request (see `Destination`)."""
     msg = obs.message
     if msg.method == "CONNECT" and msg.path:
-        host, port = _split_authority(msg.path)
-        return Destination("connect", host, port)
+        target, target_port = _split_authority(msg.path)
+        return Destination("connect", target, target_port)
     if tunnel is not None:
         return Destination("tunnel", tunnel.host, tunnel.port)
     absolute = _absolute_target(msg.path)
@@ -421,7 +423,9 @@ class HopAnalyzer:
 
     def _client_conn(self, proc: _Process, fd: int) -> _ClientConn:
         conn = proc.clients.get(fd)
-        if conn is None:
+        if conn is not None:
+            proc.clients.move_to_end(fd)
+        else:
             while len(proc.clients) >= self.max_conns:
                 proc.clients.popitem(last=False)
                 self.metrics.hop_evictions.labels("connection_cap").inc()
@@ -515,20 +519,7 @@ class HopAnalyzer:
             proc = self._proc(obs.tgid, create=True)
             assert proc is not None
         if proc is not None:
-            if msg.method == "CONNECT" and dest.host is not None:
-                proc.tunnels[obs.fd] = dest
-            if msg.stream_id is None:
-                conn = self._client_conn(proc, obs.fd)
-                conn.sent += 1
-                key: int | None = conn.sent
-            else:
-                conn = self._client_conn(proc, obs.fd) if oversized else proc.clients.get(obs.fd)
-                key = msg.stream_id
-            if oversized and conn is not None and key is not None:
-                conn.oversized[key] = (oversized, dest.label, _first_trace_id(v))
-                if len(conn.oversized) > 64:
-                    del conn.oversized[next(iter(conn.oversized))]
-                    self.metrics.hop_evictions.labels("pending_cap").inc()
+            self._track_request(proc, obs, dest, oversized)
 
         if proc is None or not proc.open:
             return  # never received requests (or none open): originates traces
@@ -546,6 +537,27 @@ class HopAnalyzer:
         ).inc()
         self._compare(inbound, obs, dest, seen)
 
+    def _track_request(
+        self, proc: _Process, obs: Observation, dest: Destination, oversized: tuple[str, ...]
+    ) -> None:
+        """Remember what `oversized_rejected` and tunnels need of an outbound request."""
+        msg = obs.message
+        if msg.method == "CONNECT" and dest.host is not None:
+            proc.tunnels[obs.fd] = dest
+        conn: _ClientConn | None
+        if msg.stream_id is None:  # HTTP/1: answers come in request order
+            conn = self._client_conn(proc, obs.fd)
+            conn.sent += 1
+            key = conn.sent
+        else:
+            conn = self._client_conn(proc, obs.fd) if oversized else None
+            key = msg.stream_id
+        if oversized and conn is not None:
+            conn.oversized[key] = (oversized, dest.label, _first_trace_id(obs.verdict))
+            if len(conn.oversized) > _MAX_PENDING_OVERSIZED:
+                del conn.oversized[next(iter(conn.oversized))]
+                self.metrics.hop_evictions.labels("pending_cap").inc()
+
     def _attribute(self, proc: _Process, obs: Observation) -> _Inbound | None:
         candidates = list(proc.open.values())
         out_ids = {c.trace_id for c in _contexts(obs.verdict)}
@@ -557,12 +569,18 @@ class HopAnalyzer:
 
     @staticmethod
     def _choose(candidates: list[_Inbound], obs: Observation) -> _Inbound | None:
-        if obs.tid:
-            for inbound in reversed(candidates):  # most recent first
-                if inbound.tid == obs.tid:
-                    return inbound
         msg = obs.message
         path = _origin_path(msg.path)
+        if obs.tid:
+            same_tid = [i for i in candidates if i.tid == obs.tid]
+            if len(same_tid) > 1:
+                # An event loop (nginx worker, asyncio) reads many requests on one thread:
+                # method+path tells them apart when it can; else the most recent one.
+                same = [i for i in same_tid if i.method == msg.method and i.path == path]
+                if len(same) == 1:
+                    return same[0]
+            if same_tid:
+                return same_tid[-1]
         same = [i for i in candidates if i.method == msg.method and i.path == path]
         if len(same) == 1:
             return same[0]
