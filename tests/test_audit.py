@@ -246,6 +246,25 @@ def test_rotation_keeps_n_backups(tmp_path: Path) -> None:
     assert seqs == list(range(100 - len(seqs), 100))  # the newest lines, contiguous
 
 
+def test_rotation_failure_keeps_writing_to_the_current_file(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    (tmp_path / "audit.jsonl.1").mkdir()  # a directory where the backup must go
+    (tmp_path / "audit.jsonl.1" / "x").write_text("")
+    metrics = Metrics()
+    log = AuditLog(path, key=KEY, metrics=metrics, max_bytes=300, backups=1)
+    for i in range(20):
+        assert log.write(_record(i))
+    assert [x["seq"] for x in lines_of(path)] == list(range(20))
+    assert value(metrics, "hopwatch_audit_write_errors_total") == 0.0
+    assert value(metrics, "hopwatch_audit_rotations_total") == 0.0
+    # the obstacle gone, the next line rotates
+    (tmp_path / "audit.jsonl.1" / "x").unlink()
+    (tmp_path / "audit.jsonl.1").rmdir()
+    assert log.write(_record(20))
+    assert [x["seq"] for x in lines_of(tmp_path / "audit.jsonl.1", path)] == list(range(21))
+    assert value(metrics, "hopwatch_audit_rotations_total") == 1.0
+
+
 def test_unwritable_path_is_counted_never_raised(tmp_path: Path) -> None:
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("")

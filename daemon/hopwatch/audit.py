@@ -183,6 +183,7 @@ class AuditLog:
         self._regular = True
         self._partial = False  # a failed write may have left half a line
         self._failing = False
+        self._rotate_failing = False
         self.lines_written = 0
         self.write_errors = 0
         self.rotations = 0
@@ -286,6 +287,7 @@ class AuditLog:
             self._ensure_open()
             if self._regular and self._size > 0 and self._size + len(data) > self.max_bytes:
                 self._rotate()
+                self._ensure_open()
             if self._partial:
                 data = b"\n" + data  # end the half line a failed write left behind
             self._write_all(data)
@@ -344,8 +346,8 @@ class AuditLog:
     def _rotate(self) -> None:
         """FILE.(N-1) -> FILE.N, ..., FILE -> FILE.1, then a fresh FILE.
 
-        A rename failure is counted and the current file kept (it grows past the limit
-        rather than lose a line)."""
+        A rename failure is logged and the current file kept (it grows past the limit
+        rather than lose a line); the next line tries again."""
         base = str(self.path)
         try:
             for i in range(self.backups - 1, 0, -1):
@@ -353,9 +355,14 @@ class AuditLog:
                 if os.path.exists(src):
                     os.replace(src, f"{base}.{i + 1}")
             os.replace(base, f"{base}.1")
+        except FileNotFoundError:
+            pass  # removed behind our back: start a fresh file
         except OSError as exc:
-            self._failed("rotate", exc)
+            if not self._rotate_failing:
+                self._rotate_failing = True
+                log.error("audit log %s: cannot rotate: %s", self.path, exc.strerror or exc)
             return
+        self._rotate_failing = False
         self._close_fd()
         self._partial = False
         self.rotations += 1

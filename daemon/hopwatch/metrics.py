@@ -191,8 +191,8 @@ class Metrics:
         )
         self.audit_write_errors = Counter(
             "hopwatch_audit_write_errors",
-            "Audit-log lines that could not be written (disk full, unwritable, rotation "
-            "failure); the daemon keeps running.",
+            "Audit-log lines that could not be written (disk full, unwritable); the "
+            "daemon keeps running.",
             registry=r,
         )
         self.audit_rotations = Counter(
