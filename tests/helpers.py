@@ -40,8 +40,15 @@ def wait_port(host: str, port: int, timeout: float = 15.0, netns: str | None = N
                 return
         else:
             rc = subprocess.run(
-                ["ip", "netns", "exec", netns, SYSTEM_PYTHON, "-c",
-                 f"import socket; socket.create_connection(({host!r}, {port}), 0.2)"],
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    netns,
+                    SYSTEM_PYTHON,
+                    "-c",
+                    f"import socket; socket.create_connection(({host!r}, {port}), 0.2)",
+                ],
                 capture_output=True,
             ).returncode
             if rc == 0:
@@ -77,7 +84,7 @@ def scrape(addr: str) -> Snapshot:
     for family in text_string_to_metric_families(text):
         for s in family.samples:
             samples[(s.name, frozenset(s.labels.items()))] = s.value
-    return samples and Snapshot(samples) or Snapshot({})
+    return (samples and Snapshot(samples)) or Snapshot({})
 
 
 class Daemon:
@@ -174,8 +181,11 @@ def server(
 ) -> Iterator[subprocess.Popen[bytes]]:
     full = (["ip", "netns", "exec", netns] if netns else []) + args
     proc = subprocess.Popen(
-        full, env=dict(env) if env is not None else None, cwd=cwd,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        full,
+        env=dict(env) if env is not None else None,
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
     try:
         try:
@@ -195,17 +205,40 @@ def server(
                 proc.wait()
 
 
-def run(args: list[str], *, env: Mapping[str, str] | None = None, netns: str | None = None,
-        timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess[str]:
+def run(
+    args: list[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    netns: str | None = None,
+    timeout: float = 60,
+    check: bool = True,
+) -> subprocess.CompletedProcess[str]:
     full = (["ip", "netns", "exec", netns] if netns else []) + args
-    res = subprocess.run(full, env=dict(env) if env is not None else None, capture_output=True,
-                         text=True, timeout=timeout)
+    res = subprocess.run(
+        full,
+        env=dict(env) if env is not None else None,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if check and res.returncode != 0:
         raise AssertionError(f"{args} exited {res.returncode}:\n{res.stdout}\n{res.stderr}")
     return res
 
 
 __all__ = [
-    "HOPWATCH", "REPO", "SYSTEM_PYTHON", "Daemon", "Delta", "Snapshot", "free_port", "named",
-    "python_env", "run", "scrape", "server", "sys", "wait_port",
+    "HOPWATCH",
+    "REPO",
+    "SYSTEM_PYTHON",
+    "Daemon",
+    "Delta",
+    "Snapshot",
+    "free_port",
+    "named",
+    "python_env",
+    "run",
+    "scrape",
+    "server",
+    "sys",
+    "wait_port",
 ]

@@ -86,8 +86,17 @@ def test_v4_mapped_address_matches_v4_rule() -> None:
         ("[capture]\nring_buffer_bytes = 5000\n", 2, "power of two"),
         ("[metrics]\naddr = 'localhost'\n", 2, "HOST:PORT"),
     ],
-    ids=["type", "negative", "unknown-key", "unknown-section", "bad-host", "not-list", "syntax",
-         "ring-size", "addr"],
+    ids=[
+        "type",
+        "negative",
+        "unknown-key",
+        "unknown-section",
+        "bad-host",
+        "not-list",
+        "syntax",
+        "ring-size",
+        "addr",
+    ],
 )
 def test_config_errors_name_the_line(text: str, line: int, needle: str) -> None:
     with pytest.raises(ConfigError) as err:

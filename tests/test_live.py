@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-
 import subprocess
 import time
 from pathlib import Path
@@ -61,8 +60,9 @@ def traffic(daemon: Daemon, fn) -> Delta:  # type: ignore[no-untyped-def]
     return daemon.settle() - before
 
 
-def exchange(client: str, server_name: str, proto: str, n_with: int, n_without: int,
-             ctx: str = "w3c") -> dict[str, dict[tuple[str, str, str, str], float]]:
+def exchange(
+    client: str, server_name: str, proto: str, n_with: int, n_without: int, ctx: str = "w3c"
+) -> dict[str, dict[tuple[str, str, str, str], float]]:
     """The exact counts a clean request/response exchange must produce."""
     req_c = {(ctx, n_with), ("none", n_without)}
     expect_client: dict[tuple[str, str, str, str], float] = {}
@@ -78,17 +78,38 @@ def exchange(client: str, server_name: str, proto: str, n_with: int, n_without: 
 
 # -- HTTP/1.1 -----------------------------------------------------------------------------
 
+
 def test_python_http1_loopback(daemon: Daemon, tmp_path: Path) -> None:
     port = free_port()
     srv, cli = named(tmp_path, "t_h1srv", SYSTEM_PYTHON), named(tmp_path, "t_h1cli", SYSTEM_PYTHON)
     with server([srv, str(PEERS / "h1_server.py"), "127.0.0.1", str(port)], port):
+
         def drive() -> None:
-            run([cli, str(PEERS / "h1_client.py"), "127.0.0.1", str(port), "5",
-                 f"traceparent: {TP}", "tracestate: congo=t61rcWkgMzE"])
+            run(
+                [
+                    cli,
+                    str(PEERS / "h1_client.py"),
+                    "127.0.0.1",
+                    str(port),
+                    "5",
+                    f"traceparent: {TP}",
+                    "tracestate: congo=t61rcWkgMzE",
+                ]
+            )
             run([cli, str(PEERS / "h1_client.py"), "127.0.0.1", str(port), "4"])
             run([cli, str(PEERS / "h1_client.py"), "127.0.0.1", str(port), "3", f"b3: {B3}"])
-            run([cli, str(PEERS / "h1_client.py"), "127.0.0.1", str(port), "2",
-                 f"traceparent: {TP}", f"b3: {B3}"])
+            run(
+                [
+                    cli,
+                    str(PEERS / "h1_client.py"),
+                    "127.0.0.1",
+                    str(port),
+                    "2",
+                    f"traceparent: {TP}",
+                    f"b3: {B3}",
+                ]
+            )
+
         delta = traffic(daemon, drive)
     assert counts(delta, "t_h1cli") == {
         ("outbound", "request", "http1", "w3c"): 5,
@@ -112,13 +133,29 @@ def test_curl_http1_and_h2_prior_knowledge_to_hypercorn(daemon: Daemon, tmp_path
     hyper = named(tmp_path, "t_hyper", SYSTEM_PYTHON)
     curl1, curl2 = named(tmp_path, "t_curl1", "curl"), named(tmp_path, "t_curl2", "curl")
     url = f"http://127.0.0.1:{port}/x"
-    with server([hyper, "-m", "hypercorn", "asgi_app:app", "-b", f"127.0.0.1:{port}"], port,
-                env=python_env(), cwd=PEERS):
+    with server(
+        [hyper, "-m", "hypercorn", "asgi_app:app", "-b", f"127.0.0.1:{port}"],
+        port,
+        env=python_env(),
+        cwd=PEERS,
+    ):
+
         def drive() -> None:
             run([curl1, "-sf", "-o", "/dev/null", "-H", f"traceparent: {TP}", *[url] * 3])
-            run([curl2, "-sf", "--http2-prior-knowledge", "-o", "/dev/null",
-                 "-H", f"traceparent: {TP}", *[url] * 4])
+            run(
+                [
+                    curl2,
+                    "-sf",
+                    "--http2-prior-knowledge",
+                    "-o",
+                    "/dev/null",
+                    "-H",
+                    f"traceparent: {TP}",
+                    *[url] * 4,
+                ]
+            )
             run([curl2, "-sf", "--http2-prior-knowledge", "-o", "/dev/null", *[url] * 2])
+
         delta = traffic(daemon, drive)
     assert counts(delta, "t_curl1") == exchange("c", "s", "http1", 3, 0)["c"]
     assert counts(delta, "t_curl2") == exchange("c", "s", "http2", 4, 2)["c"]
@@ -130,14 +167,33 @@ def test_curl_http1_and_h2_prior_knowledge_to_hypercorn(daemon: Daemon, tmp_path
 
 def test_httpx_h2c_to_hypercorn(daemon: Daemon, tmp_path: Path) -> None:
     port = free_port()
-    hyper, cli = named(tmp_path, "t_hyper2", SYSTEM_PYTHON), named(tmp_path, "t_httpx", SYSTEM_PYTHON)
-    with server([hyper, "-m", "hypercorn", "asgi_app:app", "-b", f"127.0.0.1:{port}"], port,
-                env=python_env(), cwd=PEERS):
+    hyper, cli = (
+        named(tmp_path, "t_hyper2", SYSTEM_PYTHON),
+        named(tmp_path, "t_httpx", SYSTEM_PYTHON),
+    )
+    with server(
+        [hyper, "-m", "hypercorn", "asgi_app:app", "-b", f"127.0.0.1:{port}"],
+        port,
+        env=python_env(),
+        cwd=PEERS,
+    ):
+
         def drive() -> None:
-            run([cli, str(PEERS / "httpx_client.py"), f"http://127.0.0.1:{port}", "6",
-                 f"traceparent: {TP}"], env=python_env())
-            run([cli, str(PEERS / "httpx_client.py"), f"http://127.0.0.1:{port}", "3",
-                 f"b3: {B3}"], env=python_env())
+            run(
+                [
+                    cli,
+                    str(PEERS / "httpx_client.py"),
+                    f"http://127.0.0.1:{port}",
+                    "6",
+                    f"traceparent: {TP}",
+                ],
+                env=python_env(),
+            )
+            run(
+                [cli, str(PEERS / "httpx_client.py"), f"http://127.0.0.1:{port}", "3", f"b3: {B3}"],
+                env=python_env(),
+            )
+
         delta = traffic(daemon, drive)
     assert counts(delta, "t_httpx") == {
         ("outbound", "request", "http2", "w3c"): 6,
@@ -155,9 +211,11 @@ def test_node_http2(daemon: Daemon, tmp_path: Path) -> None:
     port = free_port()
     srv, cli = named(tmp_path, "t_nodesrv", "node"), named(tmp_path, "t_nodecli", "node")
     with server([srv, str(PEERS / "node_h2.js"), "server", str(port)], port):
+
         def drive() -> None:
             run([cli, str(PEERS / "node_h2.js"), "client", str(port), "5", f"traceparent: {TP}"])
             run([cli, str(PEERS / "node_h2.js"), "client", str(port), "2"])
+
         delta = traffic(daemon, drive)
     want = exchange("t_nodecli", "t_nodesrv", "http2", 5, 2)
     assert counts(delta, "t_nodecli") == want["t_nodecli"]
@@ -166,12 +224,28 @@ def test_node_http2(daemon: Daemon, tmp_path: Path) -> None:
 
 def test_grpcio_h2c_metadata(daemon: Daemon, tmp_path: Path) -> None:
     port = free_port()
-    srv, cli = named(tmp_path, "t_grpcsrv", SYSTEM_PYTHON), named(tmp_path, "t_grpccli", SYSTEM_PYTHON)
-    with server([srv, str(PEERS / "grpc_peer.py"), "server", "127.0.0.1", str(port)], port,
-                env=python_env()):
+    srv, cli = (
+        named(tmp_path, "t_grpcsrv", SYSTEM_PYTHON),
+        named(tmp_path, "t_grpccli", SYSTEM_PYTHON),
+    )
+    with server(
+        [srv, str(PEERS / "grpc_peer.py"), "server", "127.0.0.1", str(port)], port, env=python_env()
+    ):
+
         def drive() -> None:
-            run([cli, str(PEERS / "grpc_peer.py"), "client", "127.0.0.1", str(port), "7",
-                 f"traceparent: {TP}"], env=python_env())
+            run(
+                [
+                    cli,
+                    str(PEERS / "grpc_peer.py"),
+                    "client",
+                    "127.0.0.1",
+                    str(port),
+                    "7",
+                    f"traceparent: {TP}",
+                ],
+                env=python_env(),
+            )
+
         delta = traffic(daemon, drive)
     # gRPC answers with a response HEADERS block and a trailers block per call: the
     # trailers are not a second response.
@@ -188,16 +262,50 @@ def test_grpcio_h2c_metadata(daemon: Daemon, tmp_path: Path) -> None:
 def test_across_network_namespaces(daemon: Daemon, tmp_path: Path, netns: NetNS) -> None:
     port = free_port()
     srv, cli = named(tmp_path, "t_nssrv", SYSTEM_PYTHON), named(tmp_path, "t_nscli", SYSTEM_PYTHON)
-    gsrv, gcli = named(tmp_path, "t_nsgsrv", SYSTEM_PYTHON), named(tmp_path, "t_nsgcli", SYSTEM_PYTHON)
-    with server([srv, str(PEERS / "h1_server.py"), netns.ns_ip, str(port)], port,
-                host=netns.ns_ip, netns=netns.name), \
-         server([gsrv, str(PEERS / "grpc_peer.py"), "server", netns.ns_ip, str(port + 1)],
-                port + 1, host=netns.ns_ip, netns=netns.name, env=python_env()):
+    gsrv, gcli = (
+        named(tmp_path, "t_nsgsrv", SYSTEM_PYTHON),
+        named(tmp_path, "t_nsgcli", SYSTEM_PYTHON),
+    )
+    with (
+        server(
+            [srv, str(PEERS / "h1_server.py"), netns.ns_ip, str(port)],
+            port,
+            host=netns.ns_ip,
+            netns=netns.name,
+        ),
+        server(
+            [gsrv, str(PEERS / "grpc_peer.py"), "server", netns.ns_ip, str(port + 1)],
+            port + 1,
+            host=netns.ns_ip,
+            netns=netns.name,
+            env=python_env(),
+        ),
+    ):
+
         def drive() -> None:
-            run([cli, str(PEERS / "h1_client.py"), netns.ns_ip, str(port), "4",
-                 f"traceparent: {TP}"])
-            run([gcli, str(PEERS / "grpc_peer.py"), "client", netns.ns_ip, str(port + 1), "3",
-                 f"traceparent: {TP}"], env=python_env())
+            run(
+                [
+                    cli,
+                    str(PEERS / "h1_client.py"),
+                    netns.ns_ip,
+                    str(port),
+                    "4",
+                    f"traceparent: {TP}",
+                ]
+            )
+            run(
+                [
+                    gcli,
+                    str(PEERS / "grpc_peer.py"),
+                    "client",
+                    netns.ns_ip,
+                    str(port + 1),
+                    "3",
+                    f"traceparent: {TP}",
+                ],
+                env=python_env(),
+            )
+
         delta = traffic(daemon, drive)
     h1 = exchange("c", "s", "http1", 4, 0)
     assert counts(delta, "t_nscli") == h1["c"]
@@ -208,33 +316,70 @@ def test_across_network_namespaces(daemon: Daemon, tmp_path: Path, netns: NetNS)
     # The peer label of the client's findings-free traffic is not exported; check the
     # namespace server saw the host end of the veth as its peer through a finding:
     bad = "00-0AF7651916CD43DD8448EB211C80319C-b7ad6b7169203331-01"
-    with server([srv, str(PEERS / "h1_server.py"), netns.ns_ip, str(port + 2)], port + 2,
-                host=netns.ns_ip, netns=netns.name):
-        delta = traffic(daemon, lambda: run([cli, str(PEERS / "h1_client.py"), netns.ns_ip,
-                                             str(port + 2), "2", f"traceparent: {bad}"]))
+    with server(
+        [srv, str(PEERS / "h1_server.py"), netns.ns_ip, str(port + 2)],
+        port + 2,
+        host=netns.ns_ip,
+        netns=netns.name,
+    ):
+        delta = traffic(
+            daemon,
+            lambda: run(
+                [
+                    cli,
+                    str(PEERS / "h1_client.py"),
+                    netns.ns_ip,
+                    str(port + 2),
+                    "2",
+                    f"traceparent: {bad}",
+                ]
+            ),
+        )
     assert delta.series(FIND, process="t_nssrv", finding="malformed") == {
-        frozenset({("finding", "malformed"), ("header", "traceparent"), ("process", "t_nssrv"),
-                   ("peer", netns.host_ip)}): 2
+        frozenset(
+            {
+                ("finding", "malformed"),
+                ("header", "traceparent"),
+                ("process", "t_nssrv"),
+                ("peer", netns.host_ip),
+            }
+        ): 2
     }
     assert delta.series(FIND, process="t_nscli", finding="malformed") == {
-        frozenset({("finding", "malformed"), ("header", "traceparent"), ("process", "t_nscli"),
-                   ("peer", f"{netns.ns_ip}:{port + 2}")}): 2
+        frozenset(
+            {
+                ("finding", "malformed"),
+                ("header", "traceparent"),
+                ("process", "t_nscli"),
+                ("peer", f"{netns.ns_ip}:{port + 2}"),
+            }
+        ): 2
     }
 
 
 # -- findings where injected, none on clean traffic ---------------------------------------
 
+
 def test_findings_exactly_where_injected(daemon: Daemon, tmp_path: Path) -> None:
     port = free_port()
     srv, cli = named(tmp_path, "t_fsrv", SYSTEM_PYTHON), named(tmp_path, "t_fcli", SYSTEM_PYTHON)
     with server([srv, str(PEERS / "h1_server.py"), "127.0.0.1", str(port)], port):
+
         def drive() -> None:
             c = [cli, str(PEERS / "h1_client.py"), "127.0.0.1", str(port)]
             run([*c, "3", "traceparent: 00-0AF7651916CD43DD8448EB211C80319C-b7ad6b7169203331-01"])
             run([*c, "2", f"traceparent: {TP}", "baggage: user=alice%40example.com"])
-            run([*c, "4", f"traceparent: {TP}", "baggage: " + ",".join(f"k{i}=v" for i in range(70))])
+            run(
+                [
+                    *c,
+                    "4",
+                    f"traceparent: {TP}",
+                    "baggage: " + ",".join(f"k{i}=v" for i in range(70)),
+                ]
+            )
             run([*c, "1", f"traceparent: {TP}", "b3: 1111111111111111-2222222222222222-1"])
             run([*c, "5", f"traceparent: {TP}", "baggage: userId=alice,isProduction=false"])
+
         delta = traffic(daemon, drive)
     for process in ("t_fcli", "t_fsrv"):
         assert findings(delta, process) == {
@@ -252,11 +397,29 @@ def test_64k_baggage_header(daemon: Daemon, tmp_path: Path) -> None:
     hyper = named(tmp_path, "t_bighyp", SYSTEM_PYTHON)
     curl = named(tmp_path, "t_bigcurl", "curl")
     baggage = "big=" + "x" * (64 * 1024)
-    with server([hyper, "-m", "hypercorn", "asgi_app:app", "-b", f"127.0.0.1:{port}"], port,
-                env=python_env(), cwd=PEERS):
+    with server(
+        [hyper, "-m", "hypercorn", "asgi_app:app", "-b", f"127.0.0.1:{port}"],
+        port,
+        env=python_env(),
+        cwd=PEERS,
+    ):
+
         def drive() -> None:
-            run([curl, "-s", "-o", "/dev/null", "-H", f"traceparent: {TP}",
-                 "-H", f"baggage: {baggage}", f"http://127.0.0.1:{port}/"], check=False)
+            run(
+                [
+                    curl,
+                    "-s",
+                    "-o",
+                    "/dev/null",
+                    "-H",
+                    f"traceparent: {TP}",
+                    "-H",
+                    f"baggage: {baggage}",
+                    f"http://127.0.0.1:{port}/",
+                ],
+                check=False,
+            )
+
         delta = traffic(daemon, drive)
     assert counts(delta, "t_bigcurl")[("outbound", "request", "http1", "w3c")] == 1
     assert findings(delta, "t_bigcurl") == {("oversized", "baggage"): 1, ("oversized", "*"): 1}
@@ -301,11 +464,16 @@ time.sleep(60)
 def test_one_byte_writes_and_pipelining(daemon: Daemon, tmp_path: Path) -> None:
     port = free_port()
     srv = named(tmp_path, "t_awksrv", SYSTEM_PYTHON)
-    one, pipe = named(tmp_path, "t_onebyte", SYSTEM_PYTHON), named(tmp_path, "t_pipe", SYSTEM_PYTHON)
+    one, pipe = (
+        named(tmp_path, "t_onebyte", SYSTEM_PYTHON),
+        named(tmp_path, "t_pipe", SYSTEM_PYTHON),
+    )
     with server([srv, str(PEERS / "h1_server.py"), "127.0.0.1", str(port)], port):
+
         def drive() -> None:
             run([one, "-c", ONE_BYTE, str(port), TP])
             run([pipe, "-c", PIPELINED, str(port), TP])
+
         delta = traffic(daemon, drive)
     assert counts(delta, "t_onebyte") == exchange("c", "s", "http1", 1, 0)["c"]
     assert counts(delta, "t_pipe") == exchange("c", "s", "http1", 3, 0)["c"]
@@ -315,15 +483,29 @@ def test_one_byte_writes_and_pipelining(daemon: Daemon, tmp_path: Path) -> None:
 def test_client_killed_mid_request(daemon: Daemon, tmp_path: Path) -> None:
     port = free_port()
     srv = named(tmp_path, "t_killsrv", SYSTEM_PYTHON)
-    victim, cli = named(tmp_path, "t_victim", SYSTEM_PYTHON), named(tmp_path, "t_after", SYSTEM_PYTHON)
+    victim, cli = (
+        named(tmp_path, "t_victim", SYSTEM_PYTHON),
+        named(tmp_path, "t_after", SYSTEM_PYTHON),
+    )
     with server([srv, str(PEERS / "h1_server.py"), "127.0.0.1", str(port)], port):
+
         def drive() -> None:
             p = subprocess.Popen([victim, "-c", HALF_REQUEST, str(port)], stdout=subprocess.PIPE)
             assert p.stdout is not None and p.stdout.readline() == b"sent\n"
             time.sleep(0.2)
             p.send_signal(signal.SIGKILL)
             p.wait()
-            run([cli, str(PEERS / "h1_client.py"), "127.0.0.1", str(port), "2", f"traceparent: {TP}"])
+            run(
+                [
+                    cli,
+                    str(PEERS / "h1_client.py"),
+                    "127.0.0.1",
+                    str(port),
+                    "2",
+                    f"traceparent: {TP}",
+                ]
+            )
+
         delta = traffic(daemon, drive)
     assert counts(delta, "t_victim") == {}
     assert counts(delta, "t_after") == exchange("c", "s", "http1", 2, 0)["c"]
@@ -376,8 +558,9 @@ def test_keepalive_connection_opened_before_daemon(tmp_path: Path) -> None:
     port = free_port()
     srv, cli = named(tmp_path, "t_kasrv", SYSTEM_PYTHON), named(tmp_path, "t_kacli", SYSTEM_PYTHON)
     with server([srv, str(PEERS / "h1_server.py"), "127.0.0.1", str(port)], port):
-        client = subprocess.Popen([cli, "-c", KEEPALIVE, str(port), TP], stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE)
+        client = subprocess.Popen(
+            [cli, "-c", KEEPALIVE, str(port), TP], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        )
         assert client.stdout is not None and client.stdin is not None
         assert client.stdout.readline() == b"connected\n"
         d = Daemon(tmp_path)  # started after the connection exists
@@ -410,10 +593,9 @@ def test_self_metrics_present(daemon: Daemon) -> None:
     ):
         assert required in names, required
     assert snap.total("hopwatch_capture_attached") == 1
-    assert os.path.exists("/proc/%d" % daemon.proc.pid)
+    assert os.path.exists(f"/proc/{daemon.proc.pid}")
 
 
 def test_daemon_excludes_its_own_traffic(daemon: Daemon) -> None:
     delta = traffic(daemon, lambda: [daemon.scrape() for _ in range(5)])
     assert counts(delta, "hopwatch") == {}
-

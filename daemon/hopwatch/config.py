@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import ipaddress
 import re
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from hopwatch.propagation import Limits
 
@@ -116,7 +117,9 @@ class EgressRule:
         return name == self.host
 
 
-_HOST_PATTERN = re.compile(r"(\*\.)?[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*")
+_HOST_PATTERN = re.compile(
+    r"(\*\.)?[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*"
+)
 
 
 def _parse_port(text: str, entry: str) -> int:
@@ -268,7 +271,11 @@ def _from_mapping(data: Mapping[str, Any], *, text: str, source: str) -> Config:
             values[target] = value
 
     limits = Limits(
-        **{f.name: values.pop(f"limits.{f.name}") for f in fields(Limits) if f"limits.{f.name}" in values}
+        **{
+            f.name: values.pop(f"limits.{f.name}")
+            for f in fields(Limits)
+            if f"limits.{f.name}" in values
+        }
     )
     capture = CaptureSettings(
         **{
@@ -277,8 +284,15 @@ def _from_mapping(data: Mapping[str, Any], *, text: str, source: str) -> Config:
             if f"capture.{f.name}" in values
         }
     )
-    if capture.ring_buffer_bytes & (capture.ring_buffer_bytes - 1) or capture.ring_buffer_bytes < 4096:
-        raise fail("capture.ring_buffer_bytes must be a power of two >= 4096", "capture", "ring_buffer_bytes")
+    if (
+        capture.ring_buffer_bytes & (capture.ring_buffer_bytes - 1)
+        or capture.ring_buffer_bytes < 4096
+    ):
+        raise fail(
+            "capture.ring_buffer_bytes must be a power of two >= 4096",
+            "capture",
+            "ring_buffer_bytes",
+        )
     return Config(limits=limits, capture=capture, source=source, **values)
 
 

@@ -101,13 +101,15 @@ def check_headers() -> Check:
     try:
         path = kernel.find_kernel_headers()
     except kernel.KernelSetupError as exc:
-        return Check("kernel headers", False, str(exc), "run `make setup` (scripts/setup-system.sh)")
+        return Check(
+            "kernel headers", False, str(exc), "run `make setup` (scripts/setup-system.sh)"
+        )
     return Check("kernel headers", True, path)
 
 
 def check_bcc() -> Check:
     try:
-        import bcc  # noqa: F401
+        import bcc
     except Exception as exc:  # ImportError, or OSError from libbcc's ctypes load
         return Check(
             "bcc",

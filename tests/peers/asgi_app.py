@@ -8,6 +8,11 @@ async def app(scope, receive, send):  # type: ignore[no-untyped-def]
         msg = await receive()
         if not msg.get("more_body"):
             break
-    await send({"type": "http.response.start", "status": 200,
-                "headers": [(b"content-type", b"text/plain")]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", b"text/plain")],
+        }
+    )
     await send({"type": "http.response.body", "body": b"ok\n"})
