@@ -10,10 +10,30 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
 
 @app.command()
-def run() -> None:
-    """Run the daemon (live eBPF capture)."""
-    typer.echo("hopwatch run: live capture is not built yet (issue 3)", err=True)
-    raise typer.Exit(2)
+def run(
+    config: str | None = typer.Option(
+        None, "--config", "-c", metavar="FILE", help="TOML configuration (built-in defaults without)."
+    ),
+    metrics_addr: str | None = typer.Option(
+        None, "--metrics-addr", metavar="HOST:PORT", help="Serve /metrics here (127.0.0.1:9647)."
+    ),
+    audit_log: str | None = typer.Option(
+        None, "--audit-log", metavar="FILE", help="Append findings as JSON lines to FILE."
+    ),
+    log_level: str = typer.Option("info", "--log-level", help="debug, info, warning, error."),
+) -> None:
+    """Run the daemon: live eBPF capture, findings, Prometheus metrics."""
+    from hopwatch._run_cmd import run as run_daemon
+
+    raise typer.Exit(run_daemon(config, metrics_addr, audit_log, log_level))
+
+
+@app.command()
+def doctor() -> None:
+    """Check every prerequisite of live capture; print a fix for each failure."""
+    from hopwatch._run_cmd import doctor as run_doctor
+
+    raise typer.Exit(run_doctor())
 
 
 @app.command()
@@ -64,6 +84,7 @@ def audit(
         typer.echo(_json.dumps(report.as_dict(), indent=2))
     else:
         typer.echo(format_report(report))
+
 
 def main() -> None:
     app()
