@@ -12,7 +12,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 @app.command()
 def run(
     config: str | None = typer.Option(
-        None, "--config", "-c", metavar="FILE", help="TOML configuration (built-in defaults without)."
+        None, "--config", "-c", metavar="FILE", help="TOML configuration file."
     ),
     metrics_addr: str | None = typer.Option(
         None, "--metrics-addr", metavar="HOST:PORT", help="Serve /metrics here (127.0.0.1:9647)."
