@@ -99,12 +99,12 @@ def check_headers() -> Check:
     from hopwatch import kernel
 
     try:
-        path = kernel.find_kernel_headers()
-    except kernel.KernelSetupError as exc:
+        path, source = kernel.find_kernel_headers()
+    except kernel.KernelError as exc:
         return Check(
             "kernel headers", False, str(exc), "run `make setup` (scripts/setup-system.sh)"
         )
-    return Check("kernel headers", True, path)
+    return Check("kernel headers", True, f"{path} ({source})")
 
 
 def check_bcc() -> Check:
