@@ -399,9 +399,9 @@ class Http1Parser:
         end = i + 3
         is_client = side.is_client
         m = (_FAST_REQUEST if is_client else _FAST_STATUS).match(data)
-        if m is None:
+        s = m.end() - 1 if m is not None else 0
+        if s <= 0 or s > self._max_buffer:  # not ordinary, or a start line over the bound
             return 0
-        s = m.end() - 1
         if _FOLD.search(data, s, end) is not None:
             return 0
         kept: list[tuple[str, str]] = []
@@ -1174,7 +1174,7 @@ class Http1Parser:
             side.buf = bytearray()
             side.state = _IDLE
             self._enter_hunt(side, "http1.internal_error", False)
-            side.dropped = dropped
+            side.dropped += dropped  # what was held; the chunk being parsed is not known
         except Exception:  # pragma: no cover - resetting plain attributes cannot fail
             pass
 
