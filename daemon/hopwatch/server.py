@@ -22,6 +22,7 @@ from hopwatch.config import Config, ConfigError, load_config, split_host_port
 from hopwatch.conntrack import ConnectionTable
 from hopwatch.metrics import KernelStatsCollector, Metrics
 from hopwatch.pipeline import Observer, Pipeline
+from hopwatch.sdnotify import Notifier
 
 __all__ = ["Daemon", "StartupError"]
 
@@ -80,6 +81,7 @@ class Daemon:
         self._stop = threading.Event()
         self._reload = False
         self._http: Any = None
+        self.notifier = Notifier()
 
     def _connection_dropped(self, conn: Any, reason: object) -> None:
         if self.pipeline is not None:
@@ -132,6 +134,7 @@ class Daemon:
             ) from exc
         self.metrics.up.set(1)
         log.info("hopwatch ready: metrics on http://%s/metrics", self.config.metrics_addr)
+        self.notifier.ready(f"capturing; metrics on {self.config.metrics_addr}")
         if self._on_ready is not None:
             self._on_ready()
 
@@ -166,6 +169,7 @@ class Daemon:
                 self.reload()
             self.pipeline.handle_many(self.capture.poll(timeout))
             self.metrics.overflow_check()
+            self.notifier.watchdog()
             now = time.monotonic()
             if now - last_evict > 30:
                 last_evict = now
@@ -175,10 +179,12 @@ class Daemon:
         if self.config_path is None:
             log.info("SIGHUP: no config file given, nothing to reload")
             return
+        self.notifier.reloading()
         try:
             new = load_config(self.config_path)
         except ConfigError as exc:
             log.error("SIGHUP: keeping the running configuration: %s", exc)
+            self.notifier.ready("reload failed; running configuration kept")
             return
         if new.capture != self.config.capture or new.metrics_addr != self.config.metrics_addr:
             log.warning("SIGHUP: [capture] and metrics address changes need a restart")
@@ -186,8 +192,10 @@ class Daemon:
         if self.pipeline is not None:
             self.pipeline.config = new
         log.info("SIGHUP: configuration reloaded from %s", self.config_path)
+        self.notifier.ready("configuration reloaded")
 
     def shutdown(self) -> None:
+        self.notifier.stopping()
         if self.capture is not None:
             try:
                 self.capture.close()  # detach first: no new events
