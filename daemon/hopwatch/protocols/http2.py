@@ -198,7 +198,6 @@ def looks_like_http2(data: bytes) -> bool:
     return seen > 0
 
 
-
 class _Mode(Enum):
     PREFACE = 1
     START = 2
@@ -488,9 +487,13 @@ class Http2Parser:
                 side.mode = _Mode.FRAMES
                 self._at_start(side)
             return pos + len(got)
-        if side.preface_pos == 0:
+        matched = side.preface_pos
+        while got[: matched - side.preface_pos + 1] == want[: matched - side.preface_pos + 1]:
+            matched += 1
+        if matched == 0:
             side.mode = _Mode.START  # attached mid-connection
             return pos
+        # the client began the preface and broke it: hunt, counting its bytes as dropped
         held = PREFACE[: side.preface_pos]
         side.preface_pos = 0
         self._desync(side, CODE_BAD_PREFACE, held, events)
@@ -786,9 +789,7 @@ class Http2Parser:
             events.append(ParseFailed(origin, CODE_HPACK_ERROR, block.broken))
         elif state.unresolved:
             code = CODE_HPACK_ERROR if block.complete_at_start else CODE_HPACK_PARTIAL
-            events.append(
-                ParseFailed(origin, code, f"{state.unresolved} unknown table indices")
-            )
+            events.append(ParseFailed(origin, code, f"{state.unresolved} unknown table indices"))
         if state.size_update_over and block.complete_at_start:
             events.append(ParseFailed(origin, CODE_HPACK_TABLE_SIZE, "over SETTINGS limit"))
         if len(state.fields) > _COMPACT_AT or block.overflow:
@@ -918,19 +919,20 @@ class Http2Parser:
     def _hunt(self, side: _Side, events: list[Event]) -> bytes | None:
         """Find a frame boundary in ``side.hunt``: the bytes from there on, or None."""
         buf = side.hunt
-        n = len(buf)
+        snapshot = bytes(buf)  # no buffer export may outlive a resize of side.hunt
+        n = len(snapshot)
         limit = min(side.max_frame, _DEFAULT_MAX_FRAME)
         keep_from = max(0, n - 8)  # a header may straddle the end
-        for match in _CANDIDATE.finditer(buf):
+        for match in _CANDIDATE.finditer(snapshot):
             i = match.start()
             if i + 9 > n:
                 break
-            length, ftype, flags, sid = _decode_header(buf, i)
+            length, ftype, flags, sid = _decode_header(snapshot, i)
             if ftype == _CONTINUATION or not _plausible(length, ftype, flags, sid, limit):
                 continue
             j = i + 9 + length
             if j + 9 <= n:
-                nlen, ntype, nflags, nsid = _decode_header(buf, j)
+                nlen, ntype, nflags, nsid = _decode_header(snapshot, j)
                 if not _plausible(nlen, ntype, nflags, nsid, _MAX_FRAME_LIMIT):
                     continue
             elif j != n:
@@ -940,7 +942,7 @@ class Http2Parser:
             events.append(Desynced(side.origin, side.reason, side.dropped))
             side.dropped = 0
             side.reason = ""
-            rest = bytes(buf[i:])
+            rest = snapshot[i:]
             buf.clear()
             side.mode = _Mode.FRAMES
             return rest
