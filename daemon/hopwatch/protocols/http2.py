@@ -60,7 +60,7 @@ from enum import Enum
 
 from hpack import Decoder
 from hyperframe.exceptions import HyperframeError
-from hyperframe.frame import GoAwayFrame, HeadersFrame, RstStreamFrame, SettingsFrame
+from hyperframe.frame import GoAwayFrame, RstStreamFrame, SettingsFrame
 
 from hopwatch.protocols._events import (
     PROPAGATION_HEADERS,
@@ -207,10 +207,19 @@ class _Mode(Enum):
 
 
 _PREFIX_OF = 0x100  # ftype | _PREFIX_OF: the buffered prefix of a large, streamed frame
-_KEEP_FIELDS = frozenset({b":method", b":path", b":authority", b":status", b"host"}) | frozenset(
-    _PROPAGATION_B
-)
 _COMPACT_AT = 64  # fields held per block before dropping the uninteresting ones
+# field name -> what _finish does with it: a str (propagation header name) or an int code
+_K_METHOD, _K_PATH, _K_AUTHORITY, _K_STATUS, _K_HOST, _K_SCHEME, _K_PROTOCOL = range(7)
+_FIELD_KINDS: dict[bytes | None, str | int] = {
+    b":scheme": _K_SCHEME,
+    b":protocol": _K_PROTOCOL,
+    b":method": _K_METHOD,
+    b":path": _K_PATH,
+    b":authority": _K_AUTHORITY,
+    b":status": _K_STATUS,
+    b"host": _K_HOST,
+}
+_FIELD_KINDS.update(_PROPAGATION_B.items())
 
 
 class _Stream:
@@ -264,6 +273,7 @@ class _Side:
         "end_headers",
         "frag_left",
         "frame",
+        "frames",
         "hunt",
         "max_frame",
         "mode",
@@ -300,6 +310,7 @@ class _Side:
         self.dropped = 0  # bytes thrown away in the current desync
         self.reason = ""  # what started the current desync
         self.data_bytes = 0
+        self.frames = 0
 
 
 class Http2Parser:
@@ -312,10 +323,9 @@ class Http2Parser:
         upgraded_request: MessageParsed | None = None,
     ) -> None:
         self.max_buffer = max(max_buffer, 1024)
-        self._sides = {Origin.CLIENT: _Side(Origin.CLIENT), Origin.SERVER: _Side(Origin.SERVER)}
+        self._client = _Side(Origin.CLIENT)
+        self._server = _Side(Origin.SERVER)
         self._streams: dict[int, _Stream] = {}
-        #: frames read per origin
-        self.frames = {Origin.CLIENT: 0, Origin.SERVER: 0}
         if upgraded_request is not None:
             # RFC 9113 3.1 / RFC 7540 3.2: the upgrade request is stream 1, half-closed
             # for the client; its response comes as HEADERS on stream 1 after the 101.
@@ -330,7 +340,7 @@ class Http2Parser:
         events: list[Event] = []
         if not data:
             return events
-        side = self._sides[origin]
+        side = self._side(origin)
         try:
             if side.mode is _Mode.EOF:
                 events.append(ParseFailed(origin, CODE_DATA_AFTER_EOF, f"{len(data)} B"))
@@ -343,7 +353,7 @@ class Http2Parser:
     def receive_gap(self, origin: Origin, nbytes: int) -> list[Event]:
         """``nbytes`` that ``origin`` wrote were lost (not seen, not skipped on purpose)."""
         events: list[Event] = []
-        side = self._sides[origin]
+        side = self._side(origin)
         try:
             if nbytes > 0 and side.mode is not _Mode.EOF:
                 self._lose(side, nbytes, events)
@@ -359,7 +369,7 @@ class Http2Parser:
     def receive_eof(self, origin: Origin) -> list[Event]:
         """``origin`` will write no more."""
         events: list[Event] = []
-        side = self._sides[origin]
+        side = self._side(origin)
         try:
             self._eof(side, events)
         except Exception as exc:
@@ -369,12 +379,20 @@ class Http2Parser:
 
     def skip_hint(self, origin: Origin) -> int:
         """DATA payload bytes still to come in this direction (the kernel may skip them)."""
-        side = self._sides[origin]
+        side = self._side(origin)
         return side.skip_left if side.skip_data else 0
 
     def data_bytes(self, origin: Origin) -> int:
         """DATA payload bytes passed in this direction (read over, skipped or lost)."""
-        return self._sides[origin].data_bytes
+        return self._side(origin).data_bytes
+
+    def frame_count(self, origin: Origin) -> int:
+        """Frames read in this direction."""
+        return self._side(origin).frames
+
+    def _side(self, origin: Origin) -> _Side:
+        # not a dict: hashing an Enum member runs Python code
+        return self._client if origin is Origin.CLIENT else self._server
 
     # ---------------------------------------------------------------- byte stream
 
@@ -428,7 +446,7 @@ class Http2Parser:
                         pos -= 9
                     self._desync(side, CODE_BAD_FRAME, held, events)
                     continue
-                self.frames[origin] += 1
+                side.frames += 1
                 sid &= 0x7FFFFFFF
                 if not self._route(side, length, ftype, flags, sid, events):
                     continue
@@ -623,7 +641,7 @@ class Http2Parser:
         frame = SettingsFrame(0)
         frame.parse_flags(flags)
         frame.parse_body(memoryview(payload))
-        peer = self._sides[side.origin.peer]
+        peer = self._side(side.origin.peer)
         for key, value in frame.settings.items():
             if key == _SETTINGS_HEADER_TABLE_SIZE:
                 # it limits the encoder of the OTHER side, i.e. our decoder of its bytes
@@ -635,19 +653,24 @@ class Http2Parser:
     def _headers_frame(
         self, side: _Side, flags: int, sid: int, payload: bytes, events: list[Event]
     ) -> None:
-        frame = HeadersFrame(sid)
-        frame.parse_flags(flags)
-        try:
-            frame.parse_body(memoryview(payload))
-        except HyperframeError as exc:
+        # The hot path: padding and priority by hand (what hyperframe's HeadersFrame does,
+        # without building a frame object per request).
+        start = 0
+        stop = len(payload)
+        if flags & _PADDED:
+            stop -= payload[0] if payload else stop + 1
+            start = 1
+        if flags & _PRIORITY_FLAG:
+            start += 5
+        if stop < start:
             # bad padding: the fragment is lost, and with it the HPACK table
-            events.append(ParseFailed(side.origin, CODE_BAD_FRAME, f"HEADERS: {exc}"))
+            events.append(ParseFailed(side.origin, CODE_BAD_FRAME, "HEADERS padding"))
             self._reset_table(side)
             return
         side.block = _Block(
             sid, sid, bool(flags & _END_STREAM), is_push=False, complete=side.table_complete
         )
-        self._fragment(side, frame.data)
+        self._fragment(side, payload[start:stop] if start or stop != len(payload) else payload)
         if flags & _END_HEADERS:
             self._finish(side, events)
 
@@ -764,7 +787,7 @@ class Http2Parser:
         kept: list[tuple[bytes | None, bytes]] = []
         budget = self.max_buffer
         for name, value in block.state.fields:
-            if name is None or name in _KEEP_FIELDS:
+            if name is None or name in _FIELD_KINDS:
                 budget -= len(value)
                 if budget < 0:
                     block.overflow = True
@@ -799,31 +822,27 @@ class Http2Parser:
                 ParseFailed(origin, CODE_HEADER_BLOCK_TOO_LARGE, block.broken or "values")
             )
 
-        method = path = authority = host = status_raw = None
+        pseudo: dict[int, bytes] = {}
         headers: list[tuple[str, str]] = []
         inferred: list[tuple[str, str]] = []
-        pseudo = False
+        kinds = _FIELD_KINDS
         for name, value in state.fields:
-            if name is None:
-                guess = _infer(value)
-                if guess is not None:
-                    inferred.append((guess, value.decode("latin-1")))
-                continue
-            prop = _PROPAGATION_B.get(name)
-            if prop is not None:
-                headers.append((prop, value.decode("latin-1")))
-            elif name[:1] == b":":
-                pseudo = True
-                if name == b":method":
-                    method = value
-                elif name == b":path":
-                    path = value
-                elif name == b":authority":
-                    authority = value
-                elif name == b":status":
-                    status_raw = value
-            elif name == b"host":
-                host = value
+            kind = kinds.get(name)
+            if kind is None:
+                if name is None:
+                    guess = _infer(value)
+                    if guess is not None:
+                        inferred.append((guess, value.decode("latin-1")))
+            elif isinstance(kind, str):
+                headers.append((kind, value.decode("latin-1")))
+            else:
+                pseudo.setdefault(kind, value)
+        method = pseudo.get(_K_METHOD)
+        path = pseudo.get(_K_PATH)
+        authority = pseudo.get(_K_AUTHORITY)
+        status_raw = pseudo.get(_K_STATUS)
+        host = pseudo.pop(_K_HOST, None)
+        has_pseudo = bool(pseudo)
 
         sid = block.stream_id
         if block.is_push:
@@ -837,7 +856,7 @@ class Http2Parser:
             trailers = stream is not None and stream.request_seen
         else:
             trailers = stream is not None and stream.final_seen
-        if not trailers and not pseudo:
+        if not trailers and not has_pseudo:
             # a block without pseudo-headers is trailers (attached: we missed the head);
             # when unsure, prefer a message if it carries something we care about
             trailers = clean or (block.end_stream and not headers and not inferred)
