@@ -57,6 +57,8 @@ TABLE_SIZE_CAP = 1 << 20
 
 _STATIC: tuple[tuple[bytes, bytes], ...] = HeaderTable.STATIC_TABLE
 _NSTATIC = len(_STATIC)
+#: decoded size (name + value + 32) of static entry i, 1-based
+_STATIC_SIZES = (0, *(len(name) + len(value) + 32 for name, value in _STATIC))
 _VARINT_MAX_BYTES = 5  # 2**35: far beyond any sane length or index
 
 
@@ -70,34 +72,34 @@ class _Incomplete(Exception):
 
 # ---------------------------------------------------------------------------------------
 # Huffman: a byte-wide state machine composed from hpack's nibble machine.
-# Entry (state << 8 | byte) -> (next state, bytes emitted, ends on a symbol boundary).
-# State 256 is the dead state (a FAIL was seen); it absorbs everything.
+# Entry (state << 8 | byte) -> (next state << 8, bytes emitted, ends on a symbol boundary).
+# States are kept pre-shifted so the hot loop indexes with ``state | byte``. State 256 is
+# the dead state (a FAIL was seen); it absorbs everything.
 
 _DEAD = 256
 
 
 def _build_byte_table() -> list[tuple[int, bytes, bool]]:
     table: list[tuple[int, bytes, bool]] = []
+    dead = (_DEAD << 8, b"", False)
     for state in range(_DEAD + 1):
         for byte in range(256):
             if state == _DEAD:
-                table.append((_DEAD, b"", False))
+                table.append(dead)
                 continue
             out = bytearray()
             st = state
             flags = 0
-            dead = False
             for nibble in (byte >> 4, byte & 0x0F):
                 st, flags, sym = HUFFMAN_TABLE[st * 16 + nibble]
                 if flags & HUFFMAN_FAIL:
-                    dead = True
                     break
                 if flags & HUFFMAN_EMIT_SYMBOL:
                     out.append(sym)
-            if dead:
-                table.append((_DEAD, b"", False))
+            if flags & HUFFMAN_FAIL:
+                table.append(dead)
             else:
-                table.append((st, bytes(out), bool(flags & HUFFMAN_COMPLETE)))
+                table.append((st << 8, bytes(out), bool(flags & HUFFMAN_COMPLETE)))
     return table
 
 
@@ -111,14 +113,14 @@ def huffman_decode(raw: bytes) -> bytes:
     table = _HUFF
     state = 0
     complete = False
-    out = bytearray()
+    parts: list[bytes] = []
+    append = parts.append
     for byte in raw:
-        state, emitted, complete = table[(state << 8) | byte]
-        if emitted:
-            out += emitted
-    if state == _DEAD or not complete:
+        state, emitted, complete = table[state | byte]
+        append(emitted)
+    if not complete:  # also true in the dead state
         raise HpackMalformed("invalid Huffman string")
-    return bytes(out)
+    return b"".join(parts)
 
 
 # ---------------------------------------------------------------------------------------
@@ -194,81 +196,86 @@ def walk(decoder: Decoder, data: bytes, pos: int, end: int, state: BlockState) -
     """
     table: HeaderTable = decoder.header_table
     entries = table.dynamic_entries
-    fields = state.fields
+    append = state.fields.append
     static = _STATIC
-    nstatic = _NSTATIC
-    while pos < end:
-        start = pos
-        try:
-            byte = data[pos]
-            if byte & 0x80:
-                # 6.1 indexed header field
-                index = byte & 0x7F
-                pos += 1
-                if index == 0x7F:
-                    index, pos = _varint(data, pos, end, 0x7F)
-                if index == 0:
-                    raise HpackMalformed("HPACK index 0")
-                if index <= nstatic:
-                    name, value = static[index - 1]
-                else:
-                    dyn = index - nstatic - 1
+    static_sizes = _STATIC_SIZES
+    size = 0  # added to state.size on the way out, whichever way that is
+    try:
+        while pos < end:
+            start = pos
+            try:
+                byte = data[pos]
+                if byte & 0x80:
+                    # 6.1 indexed header field: the dominant case
+                    index = byte & 0x7F
+                    pos += 1
+                    if index == 0x7F:
+                        index, pos = _varint(data, pos, end, 0x7F)
+                    if index <= _NSTATIC:
+                        if not index:
+                            raise HpackMalformed("HPACK index 0")
+                        append(static[index - 1])
+                        size += static_sizes[index]
+                        continue
+                    dyn = index - _NSTATIC - 1
                     if dyn >= len(entries):
                         state.unresolved += 1
-                        state.size += 32
+                        size += 32
                         continue
-                    name, value = entries[dyn]
-                fields.append((name, value))
-                state.size += len(name) + len(value) + 32
+                    entry = entries[dyn]
+                    append(entry)
+                    size += len(entry[0]) + len(entry[1]) + 32
+                    continue
+                if byte & 0x40:
+                    # 6.2.1 literal with incremental indexing
+                    index = byte & 0x3F
+                    pos += 1
+                    if index == 0x3F:
+                        index, pos = _varint(data, pos, end, 0x3F)
+                    indexing = True
+                elif byte & 0x20:
+                    # 6.3 dynamic table size update
+                    new_size = byte & 0x1F
+                    pos += 1
+                    if new_size == 0x1F:
+                        new_size, pos = _varint(data, pos, end, 0x1F)
+                    if new_size > decoder.max_allowed_table_size:
+                        state.size_update_over = True
+                    table.maxsize = min(new_size, TABLE_SIZE_CAP)
+                    continue
+                else:
+                    # 6.2.2 / 6.2.3 literal without indexing / never indexed
+                    index = byte & 0x0F
+                    pos += 1
+                    if index == 0x0F:
+                        index, pos = _varint(data, pos, end, 0x0F)
+                    indexing = False
+                lname: bytes | None
+                if index == 0:
+                    lname, pos = _string(data, pos, end)
+                elif index <= _NSTATIC:
+                    lname = static[index - 1][0]
+                else:
+                    dyn = index - _NSTATIC - 1
+                    lname = entries[dyn][0] if dyn < len(entries) else None
+                value, pos = _string(data, pos, end)
+            except _Incomplete:
+                return start
+            if lname is None:
+                state.unresolved += 1
+                append((None, value))
+                size += len(value) + 32
+                if indexing:
+                    # we cannot size this entry: forget the table (see module docstring)
+                    limit = table.maxsize
+                    table.maxsize = 0  # the setter empties the table and its size count
+                    table.maxsize = limit
+                    state.reset = True
                 continue
-            if byte & 0x40:
-                # 6.2.1 literal with incremental indexing
-                index = byte & 0x3F
-                pos += 1
-                if index == 0x3F:
-                    index, pos = _varint(data, pos, end, 0x3F)
-                indexing = True
-            elif byte & 0x20:
-                # 6.3 dynamic table size update
-                size = byte & 0x1F
-                pos += 1
-                if size == 0x1F:
-                    size, pos = _varint(data, pos, end, 0x1F)
-                if size > decoder.max_allowed_table_size:
-                    state.size_update_over = True
-                table.maxsize = min(size, TABLE_SIZE_CAP)
-                continue
-            else:
-                # 6.2.2 / 6.2.3 literal without indexing / never indexed
-                index = byte & 0x0F
-                pos += 1
-                if index == 0x0F:
-                    index, pos = _varint(data, pos, end, 0x0F)
-                indexing = False
-            lname: bytes | None
-            if index == 0:
-                lname, pos = _string(data, pos, end)
-            elif index <= nstatic:
-                lname = static[index - 1][0]
-            else:
-                dyn = index - nstatic - 1
-                lname = entries[dyn][0] if dyn < len(entries) else None
-            value, pos = _string(data, pos, end)
-        except _Incomplete:
-            return start
-        if lname is None:
-            state.unresolved += 1
-            fields.append((None, value))
-            state.size += len(value) + 32
+            append((lname, value))
+            size += len(lname) + len(value) + 32
             if indexing:
-                # we cannot size this entry: forget the table (see module docstring)
-                limit = table.maxsize
-                table.maxsize = 0  # the setter empties the table and its size count
-                table.maxsize = limit
-                state.reset = True
-            continue
-        fields.append((lname, value))
-        state.size += len(lname) + len(value) + 32
-        if indexing:
-            table.add(lname, value)
-    return pos
+                table.add(lname, value)
+        return pos
+    finally:
+        state.size += size
