@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import struct
 from collections.abc import Sequence
 from pathlib import Path
@@ -114,7 +115,17 @@ GOLDEN: list[tuple[str, list[Step], list[str]]] = [
     (
         "lf_only_line_endings",
         [
-            (C, req("POST /x HTTP/1.1", "Host: h", "Content-Length: 3", "b3: 1", eol="\n", body=b"abc")),
+            (
+                C,
+                req(
+                    "POST /x HTTP/1.1",
+                    "Host: h",
+                    "Content-Length: 3",
+                    "b3: 1",
+                    eol="\n",
+                    body=b"abc",
+                ),
+            ),
             (S, resp("200 OK", "Content-Length: 1", eol="\n", body=b"!")),
         ],
         ["> POST /x host=h hb=50 body=3 b3='1'", "< 200 hb=35 body=1"],
@@ -153,7 +164,18 @@ GOLDEN: list[tuple[str, list[Step], list[str]]] = [
     ),
     (
         "ows_stripped_repeats_kept_in_order",
-        [(C, req("GET / HTTP/1.1", "tracestate:\t a=1 \t", "baggage:k=v", "tracestate:  b=2", "baggage: "))],
+        [
+            (
+                C,
+                req(
+                    "GET / HTTP/1.1",
+                    "tracestate:\t a=1 \t",
+                    "baggage:k=v",
+                    "tracestate:  b=2",
+                    "baggage: ",
+                ),
+            )
+        ],
         ["> GET / hb=80 body=0 tracestate='a=1' baggage='k=v' tracestate='b=2' baggage=''"],
     ),
     (
@@ -251,7 +273,12 @@ GOLDEN: list[tuple[str, list[Step], list[str]]] = [
             (S, resp("204 No Content", "Content-Length: 10")),
             (S, resp("304 Not Modified", "Content-Length: 10", "ETag: x")),
         ],
-        ["> GET /a hb=19 body=0", "> GET /b hb=19 body=0", "< 204 hb=47 body=0", "< 304 hb=58 body=0"],
+        [
+            "> GET /a hb=19 body=0",
+            "> GET /b hb=19 body=0",
+            "< 204 hb=47 body=0",
+            "< 304 hb=58 body=0",
+        ],
     ),
     (
         "expect_100_continue",
@@ -286,7 +313,7 @@ GOLDEN: list[tuple[str, list[Step], list[str]]] = [
             (
                 C,
                 req("POST /c HTTP/1.1", "Transfer-Encoding: chunked", "b3: 1")
-                + b"5;name=value;q=\"x y\"\r\nhello\r\nA ; ext\r\n0123456789\r\n0\r\n"
+                + b'5;name=value;q="x y"\r\nhello\r\nA ; ext\r\n0123456789\r\n0\r\n'
                 + b"traceparent: ignored-in-trailer\r\nX-Sum: 1\r\n\r\n",
             ),
             (C, req("GET /next HTTP/1.1")),
@@ -297,11 +324,22 @@ GOLDEN: list[tuple[str, list[Step], list[str]]] = [
         "chunked_response_lf_only_and_uppercase_hex",
         [
             (C, req("GET / HTTP/1.1")),
-            (S, resp("200 OK", "transfer-encoding: gzip, chunked", eol="\n") + b"1F\n" + b"x" * 31 + b"\n0\n\n"),
+            (
+                S,
+                resp("200 OK", "transfer-encoding: gzip, chunked", eol="\n")
+                + b"1F\n"
+                + b"x" * 31
+                + b"\n0\n\n",
+            ),
             (C, req("GET /2 HTTP/1.1")),
             (S, resp("200 OK", "Content-Length: 1", body=b"z")),
         ],
-        ["> GET / hb=18 body=0", "< 200 hb=50 body=None", "> GET /2 hb=19 body=0", "< 200 hb=38 body=1"],
+        [
+            "> GET / hb=18 body=0",
+            "< 200 hb=50 body=None",
+            "> GET /2 hb=19 body=0",
+            "< 200 hb=38 body=1",
+        ],
     ),
     (
         "response_transfer_encoding_not_chunked_reads_until_close",
@@ -314,7 +352,13 @@ GOLDEN: list[tuple[str, list[Step], list[str]]] = [
     ),
     (
         "response_without_request_seen",
-        [(S, resp("200 OK", "Content-Length: 2", body=b"ok") + resp("200 OK", "Content-Length: 0"))],
+        [
+            (
+                S,
+                resp("200 OK", "Content-Length: 2", body=b"ok")
+                + resp("200 OK", "Content-Length: 0"),
+            )
+        ],
         ["< 200 hb=38 body=2", "< 200 hb=38 body=0"],
     ),
     (
@@ -325,20 +369,48 @@ GOLDEN: list[tuple[str, list[Step], list[str]]] = [
     (
         "h2c_upgrade_switches",
         [
-            (C, req("GET / HTTP/1.1", "Host: h", "Connection: Upgrade, HTTP2-Settings", "Upgrade: h2c")),
+            (
+                C,
+                req(
+                    "GET / HTTP/1.1",
+                    "Host: h",
+                    "Connection: Upgrade, HTTP2-Settings",
+                    "Upgrade: h2c",
+                ),
+            ),
             (C, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"),
-            (S, resp("101 Switching Protocols", "Connection: Upgrade", "Upgrade: h2c") + b"\x00\x00\x00\x04"),
+            (
+                S,
+                resp("101 Switching Protocols", "Connection: Upgrade", "Upgrade: h2c")
+                + b"\x00\x00\x00\x04",
+            ),
         ],
         ["> GET / host=h hb=78 body=0", "< 101 hb=71 body=0 1xx", "switch http2"],
     ),
     (
         "websocket_upgrade_switches",
         [
-            (C, req("GET /ws HTTP/1.1", "Upgrade: websocket", "Connection: Upgrade", f"traceparent: {TP}")),
-            (S, resp("101 Switching Protocols", "Upgrade: WebSocket", "Connection: Upgrade") + b"\x81\x05hello"),
+            (
+                C,
+                req(
+                    "GET /ws HTTP/1.1",
+                    "Upgrade: websocket",
+                    "Connection: Upgrade",
+                    f"traceparent: {TP}",
+                ),
+            ),
+            (
+                S,
+                resp("101 Switching Protocols", "Upgrade: WebSocket", "Connection: Upgrade")
+                + b"\x81\x05hello",
+            ),
             (C, b"\x81\x85abcd....."),
         ],
-        [f"> GET /ws hb=131 body=0 traceparent='{TP}'", "< 101 hb=77 body=0 1xx", "switch websocket"],
+        [
+            f"> GET /ws hb=131 body=0 traceparent='{TP}'",
+            "< 101 hb=77 body=0 1xx",
+            "switch websocket",
+        ],
     ),
     (
         "upgrade_name_from_request_when_101_has_none",
@@ -382,7 +454,11 @@ GOLDEN: list[tuple[str, list[Step], list[str]]] = [
             (S, resp("200 Connection established")),
             (C, b"\x16\x03\x01\x02\x00tls hello"),
         ],
-        ["> CONNECT api.example:443 host=api.example:443 hb=59 body=0", "< 200 hb=39 body=0", "switch tunnel"],
+        [
+            "> CONNECT api.example:443 host=api.example:443 hb=59 body=0",
+            "< 200 hb=39 body=0",
+            "switch tunnel",
+        ],
     ),
     (
         "http2_prior_knowledge_preface",
@@ -398,7 +474,11 @@ GOLDEN: list[tuple[str, list[Step], list[str]]] = [
     (
         "garbage_then_request",
         [(C, b"\x00\x01\x02garbage\r\nmore garbage\r\n" + req("GET /ok HTTP/1.1"))],
-        ["fail client http1.bad_start_line", "desync client http1.bad_start_line dropped=26", "> GET /ok hb=20 body=0"],
+        [
+            "fail client http1.bad_start_line",
+            "desync client http1.bad_start_line dropped=26",
+            "> GET /ok hb=20 body=0",
+        ],
     ),
     (
         "bad_request_line_then_request",
@@ -423,11 +503,22 @@ GOLDEN: list[tuple[str, list[Step], list[str]]] = [
     (
         "bad_status_code",
         [(S, resp("2000 OK") + resp("200 OK", "Content-Length: 0"))],
-        ["fail server http1.bad_start_line", "desync server http1.bad_start_line dropped=20", "< 200 hb=38 body=0"],
+        [
+            "fail server http1.bad_start_line",
+            "desync server http1.bad_start_line dropped=20",
+            "< 200 hb=38 body=0",
+        ],
     ),
     (
         "bad_content_length",
-        [(C, req("POST / HTTP/1.1", "Content-Length: 12abc", "b3: 1") + b"xyz\r\n" + req("GET / HTTP/1.1"))],
+        [
+            (
+                C,
+                req("POST / HTTP/1.1", "Content-Length: 12abc", "b3: 1")
+                + b"xyz\r\n"
+                + req("GET / HTTP/1.1"),
+            )
+        ],
         [
             "> POST / hb=49 body=None b3='1'",
             "fail client http1.bad_content_length",
@@ -437,7 +528,13 @@ GOLDEN: list[tuple[str, list[Step], list[str]]] = [
     ),
     (
         "conflicting_content_lengths",
-        [(C, req("POST / HTTP/1.1", "Content-Length: 3", "Content-Length: 4") + req("GET / HTTP/1.1"))],
+        [
+            (
+                C,
+                req("POST / HTTP/1.1", "Content-Length: 3", "Content-Length: 4")
+                + req("GET / HTTP/1.1"),
+            )
+        ],
         [
             "> POST / hb=57 body=None",
             "fail client http1.bad_content_length",
@@ -490,7 +587,11 @@ GOLDEN: list[tuple[str, list[Step], list[str]]] = [
     (
         "hunt_ignores_method_lookalikes",
         [(C, b"xx\nGET nothing\nGETS / HTTP/1.1\nGET /real HTTP/1.1\n\n")],
-        ["fail client http1.bad_start_line", "desync client http1.bad_start_line dropped=31", "> GET /real hb=20 body=0"],
+        [
+            "fail client http1.bad_start_line",
+            "desync client http1.bad_start_line dropped=31",
+            "> GET /real hb=20 body=0",
+        ],
     ),
     # ---- loss
     (
@@ -518,7 +619,12 @@ GOLDEN: list[tuple[str, list[Step], list[str]]] = [
             ("gap", S, 40),
             (S, b"tail of a lost head\r\n\r\n" + resp("200 OK", "Content-Length: 0")),
         ],
-        ["< 200 hb=38 body=5", "skipped server 3", "desync server gap_past_body dropped=60", "< 200 hb=38 body=0"],
+        [
+            "< 200 hb=38 body=5",
+            "skipped server 3",
+            "desync server gap_past_body dropped=60",
+            "< 200 hb=38 body=0",
+        ],
     ),
     (
         "gap_in_head_drops_partial_head",
@@ -533,11 +639,20 @@ GOLDEN: list[tuple[str, list[Step], list[str]]] = [
     (
         "skipped_outside_body_is_a_gap",
         [(C, req("GET /a HTTP/1.1")), ("skip", C, 7), (C, req("GET /c HTTP/1.1"))],
-        ["> GET /a hb=19 body=0", "desync client skip_outside_body dropped=7", "> GET /c hb=19 body=0"],
+        [
+            "> GET /a hb=19 body=0",
+            "desync client skip_outside_body dropped=7",
+            "> GET /c hb=19 body=0",
+        ],
     ),
     (
         "gap_in_until_close_body",
-        [(C, req("GET / HTTP/1.1")), (S, b"HTTP/1.0 200 OK\r\n\r\nabc"), ("gap", S, 1000), ("eof", S)],
+        [
+            (C, req("GET / HTTP/1.1")),
+            (S, b"HTTP/1.0 200 OK\r\n\r\nabc"),
+            ("gap", S, 1000),
+            ("eof", S),
+        ],
         ["> GET / hb=18 body=0", "< 200 hb=19 body=None", "skipped server 1000"],
     ),
     (
@@ -684,7 +799,9 @@ REAL: list[tuple[str, list[str], dict[Origin, bytes]]] = [
     ("name", "expected", "leftover"), [pytest.param(n, e, lo, id=n) for n, e, lo in REAL]
 )
 @pytest.mark.parametrize("mode", ["as_recorded", "one_byte", "clients_first"])
-def test_real_peer_capture(name: str, expected: list[str], leftover: dict[Origin, bytes], mode: str) -> None:
+def test_real_peer_capture(
+    name: str, expected: list[str], leftover: dict[Origin, bytes], mode: str
+) -> None:
     records = load(name)
     if mode == "one_byte":
         records = [(o, d[i : i + 1]) for o, d in records for i in range(len(d))]
@@ -718,6 +835,7 @@ def test_h2c_leftover_is_exactly_the_unparsed_bytes() -> None:
 
 
 # --------------------------------------------------------------------- hints, bounds
+
 
 def test_skip_hint_content_length_and_chunks() -> None:
     p = Http1Parser()
@@ -870,7 +988,9 @@ _NAMES = [
     "traceparent", "Traceparent", "TRACESTATE", "tracestate", "baggage", "b3", "X-B3-TraceId",
     "x-b3-sampled", "User-Agent", "Accept", "X-Custom", "Host", "host", "Content-Type",
 ]  # fmt: skip
-_values = st.text(alphabet="abcdef0123456789-=,;: \t", max_size=40)
+_values = st.text(alphabet="abcdef0123456789-=,;: \t", max_size=40) | st.text(
+    alphabet="ab \t\r", min_size=50, max_size=150
+)  # the long ones cross max_buffer=64: lines consumed piecewise, values cut at max_value
 
 
 @st.composite
@@ -918,7 +1038,9 @@ def messages(draw: st.DrawFn, *, request: bool) -> bytes:
 def streams(draw: st.DrawFn, *, request: bool, garbage: bool = False) -> bytes:
     parts = draw(st.lists(messages(request=request), min_size=1, max_size=5))
     if garbage:
-        noise = st.binary(max_size=30) | st.sampled_from([b"GET ", b"\nHTTP/1.", b"\r\n", b"HTTP/1.1 200"])
+        noise = st.binary(max_size=30) | st.sampled_from(
+            [b"GET ", b"\nHTTP/1.", b"\r\n", b"HTTP/1.1 200"]
+        )
         parts = [p for part in parts for p in (part, draw(noise))]
     return b"".join(parts)
 
@@ -926,7 +1048,7 @@ def streams(draw: st.DrawFn, *, request: bool, garbage: bool = False) -> bytes:
 def _feed_split(parser: Http1Parser, origin: Origin, data: bytes, cuts: list[int]) -> list[Event]:
     events: list[Event] = []
     bounds = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
-    for a, b in zip(bounds, bounds[1:], strict=False):
+    for a, b in itertools.pairwise(bounds):
         events += parser.receive_data(origin, data[a:b])
     return events
 
@@ -956,7 +1078,9 @@ _PROPS = settings(max_examples=150, deadline=None, suppress_health_check=[Health
     cuts=st.lists(st.integers(0, 10_000), max_size=12),
     max_buffer=st.sampled_from([64, 100, 65536]),
 )
-def test_any_split_yields_the_same_messages(client: bytes, server: bytes, cuts: list[int], max_buffer: int) -> None:
+def test_any_split_yields_the_same_messages(
+    client: bytes, server: bytes, cuts: list[int], max_buffer: int
+) -> None:
     """Whole chunks take the block path; small pieces of heads bigger than max_buffer take
     the streaming path: both give the same events."""
     whole = Http1Parser(max_buffer=max_buffer)

@@ -399,9 +399,9 @@ class Http1Parser:
         end = i + 3
         is_client = side.is_client
         m = (_FAST_REQUEST if is_client else _FAST_STATUS).match(data)
-        s = m.end() - 1 if m is not None else 0
-        if s <= 0 or s > self._max_buffer:  # not ordinary, or a start line over the bound
+        if m is None or m.end() - 1 > self._max_buffer:  # not ordinary, or over the bound
             return 0
+        s = m.end() - 1
         if _FOLD.search(data, s, end) is not None:
             return 0
         kept: list[tuple[str, str]] = []
@@ -411,9 +411,11 @@ class Http1Parser:
         for name, raw in _FAST_HEADER.findall(data, s, end):
             key = _KEYS.get(name) or _KEYS[name.lower()]
             value = raw.strip(_OWS)
+            if len(value) > cap:
+                return 0
             if key in PROPAGATION_HEADERS:
                 size += len(value)
-                if len(value) > cap or size > self._max_buffer:
+                if size > self._max_buffer:
                     return 0
                 kept.append((key, value.decode("latin-1")))
             elif key == _HOST:
