@@ -17,6 +17,7 @@ __all__ = [
     "LostEvents",
     "ProcessExited",
     "SockAddr",
+    "UnknownFd",
 ]
 
 
@@ -49,6 +50,11 @@ class DataChunk:
     * ``data``: the bytes copied,
     * ``missed`` = ``total_len - skipped - len(data)`` bytes lost to the per-syscall copy cap
       or to dropped kernel chunks: a gap the parser must be told about.
+
+    ``offset`` is the absolute offset, in this direction of the connection, of the first byte
+    the syscall moved (the first skipped byte, if any): ``data`` starts at
+    ``offset + skipped``. The live source counts from the connection's open (or adoption);
+    a source that cannot count leaves 0.
     """
 
     tgid: int
@@ -61,6 +67,7 @@ class DataChunk:
     skipped: int = 0
     tls: bool = False
     comm: str = ""
+    offset: int = 0
 
     @property
     def missed(self) -> int:
@@ -101,4 +108,23 @@ class LostEvents:
     count: int
 
 
-CaptureEvent = DataChunk | ConnOpened | ConnClosed | ProcessExited | LostEvents
+@dataclass(frozen=True, slots=True)
+class UnknownFd:
+    """An fd the capture does not track wrote bytes that look like HTTP.
+
+    Sent at most once per (tgid, fd) until it is closed: a socket opened before the capture
+    started, or inherited. The consumer checks ``/proc/<tgid>/fd/<fd>`` and, for an inet
+    socket, adopts it (``LiveCapture.adopt``), else ignores it. ``role_hint`` is "client"
+    when a request (or the HTTP/2 preface) was written, "server" for a response, "" unknown.
+    """
+
+    tgid: int
+    tid: int
+    fd: int
+    direction: Direction
+    role_hint: str
+    ts_ns: int
+    comm: str = ""
+
+
+CaptureEvent = DataChunk | ConnOpened | ConnClosed | ProcessExited | LostEvents | UnknownFd

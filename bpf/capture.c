@@ -1,0 +1,1021 @@
+// hopwatch capture programs (bcc C).
+//
+// Compiled by daemon/hopwatch/capture/live.py with -D cflags only (no string templating).
+// Runtime settings live in maps (config, pid/cgroup/port filters, per-connection control).
+//
+// Theory of operation
+// -------------------
+// * connect/accept/accept4 exits put inet connections in `conns`, keyed by (tgid, fd), and
+//   emit EV_OPEN with the peer sockaddr read from user memory. close() enter removes them
+//   (EV_CLOSE). sched_process_exit of a whole thread group emits EV_EXIT; userspace then
+//   deletes that tgid's entries (it knows them from the events it received).
+// * Data syscalls: the enter program stashes (fd, buffer/iovec/msghdr pointer, count) per
+//   thread, only for fds present in `conns` that pass the filters; the exit program copies
+//   the `ret` bytes that really moved, walking iovecs (and mmsghdr arrays) with one flat,
+//   constant-bounded cursor loop, packing them into CHUNK_SIZE records in a per-CPU scratch
+//   buffer and emitting each record with bpf_ringbuf_output (so a 1-byte write costs a
+//   small record, not a whole chunk slot).
+// * Every direction of a connection counts its bytes (`offset`). Userspace may ask, through
+//   `ctl`, to skip everything below an absolute offset of a direction (bodies, DATA frames);
+//   skipped bytes are reported in the record, never copied. Absolute offsets avoid the race
+//   of a relative "skip N" set while earlier chunks are still in flight.
+// * The first bytes of each direction are sniffed (HTTP/1 method or status line, HTTP/2
+//   preface or SETTINGS frame); a direction that is not HTTP stops costing copies: its enter
+//   program returns after one map lookup.
+// * Untracked fds (sockets opened before the daemon started, inherited fds) that write data
+//   looking like HTTP emit at most one EV_UNKNOWN_FD per (tgid, fd); userspace checks /proc
+//   and adopts them by inserting into `conns`.
+// * Nothing here reads a kernel struct: only tracepoint arguments, user memory and helpers.
+
+#ifndef CHUNK_SIZE
+#define CHUNK_SIZE 8192
+#endif
+#ifndef MAX_CAP
+#define MAX_CAP 65536
+#endif
+#ifndef RINGBUF_PAGES
+#define RINGBUF_PAGES 4096
+#endif
+#ifndef CONN_MAX
+#define CONN_MAX 65536
+#endif
+#ifndef HAVE_GROUP_DEAD
+#define HAVE_GROUP_DEAD 0
+#endif
+
+#define MAX_IOV 128         // iovecs walked per message
+#define MAX_MMSG 16         // mmsghdr entries walked for data
+#define MAX_MMSG_SUM 256    // mmsghdr entries summed for the byte count
+#define MAX_CG_LEVELS 16
+#define SNIFF_LEN 16
+
+#define EINPROGRESS_ 115
+#define BARRIER_VAR(v) asm volatile("" : "+r"(v))
+#define AF_INET_ 2
+#define AF_INET6_ 10
+
+// event kinds
+#define EV_DATA 1
+#define EV_OPEN 2
+#define EV_CLOSE 3
+#define EV_EXIT 4
+#define EV_UNKNOWN_FD 5
+
+#define DIR_SEND 0
+#define DIR_RECV 1
+
+#define ROLE_UNKNOWN 0
+#define ROLE_CLIENT 1
+#define ROLE_SERVER 2
+
+// data record flags
+#define DF_FIRST 1
+#define DF_LAST 2
+#define DF_NODATA 4  // sendfile: the bytes never pass through user memory
+
+// unknown-fd hints (ev_hdr.flags of EV_UNKNOWN_FD)
+#define HINT_REQUEST 1
+#define HINT_RESPONSE 2
+#define HINT_H2 3
+
+// sniff state per direction
+#define SNIFF_PENDING 0
+#define SNIFF_HTTP 1
+#define SNIFF_REJECTED 2
+#define SNIFF_RESYNC 3  // adopted mid-stream: copy syscalls only once one starts like HTTP
+
+// stash kinds
+#define K_BUF 0
+#define K_IOV 1
+#define K_MSG 2
+#define K_MMSG 3
+#define K_NONE 4
+
+// config flags
+#define CF_PID_INCLUDE 1
+#define CF_PID_ANY 2
+#define CF_CG_INCLUDE 4
+#define CF_CG_ANY 8
+#define CF_PORT_ANY 16
+
+#define FILTER_INCLUDE 1
+#define FILTER_EXCLUDE 2
+
+#define CTL_IGNORE 1
+
+// counters (index into `counters`; mirrored in live.py)
+#define C_EVENTS 0
+#define C_BYTES 1
+#define C_RING_FULL 2
+#define C_TRUNCATED_BYTES 3
+#define C_FILTERED 4
+#define C_SNIFF_REJECTED 5
+#define C_CONN_TABLE_FULL 6
+#define C_UNKNOWN_FD 7
+#define C_SKIPPED_BYTES 8
+#define C_TRUNCATED_SYSCALLS 9
+#define C_IGNORED 10
+#define C_STASH_FULL 11
+#define C_NCOUNTERS 12
+
+struct ev_hdr {
+    u8 kind;
+    u8 dir;
+    u8 flags;
+    u8 role;
+    s32 fd;
+    u32 tgid;
+    u32 tid;
+    u64 ts_ns;
+    char comm[16];
+};
+
+struct data_ev {
+    struct ev_hdr h;
+    u64 total_len;  // bytes the syscall moved
+    u64 offset;     // absolute direction offset of the syscall's first byte
+    u64 skipped;    // bytes at the start not copied (skip-until)
+    u32 chunk_off;  // offset of this record's bytes within the copied bytes
+    u32 chunk_len;
+    u8 data[2 * CHUNK_SIZE];  // only [0, CHUNK_SIZE) is ever filled: the slack lets the
+                              // verifier accept a masked length
+};
+
+struct conn_ev {
+    struct ev_hdr h;
+    u16 family;
+    u16 port;  // host order
+    u32 pad;
+    u8 addr[16];
+    u64 cookie;
+};
+
+struct conn_key {
+    u32 tgid;
+    s32 fd;
+};
+
+struct dir_state {
+    u64 offset;
+    u8 sniff;
+    u8 sniff_len;
+    u8 pad[6];
+    u8 sniff_buf[SNIFF_LEN];
+};
+
+struct conn_val {
+    u64 cookie;
+    u16 port;
+    u8 role;
+    u8 family;
+    u32 pad;
+    struct dir_state d[2];
+};
+
+struct ctl_val {
+    u64 cookie;
+    u64 skip_until[2];
+    u32 flags;
+    u32 pad;
+};
+
+struct cfg {
+    u32 self_tgid;
+    u32 flags;
+    u64 cap;
+};
+
+struct conn_args {
+    u64 addr;
+    s32 fd;
+    u32 addrlen;
+    u8 role;
+    u8 pad[7];
+};
+
+struct data_args {
+    u64 ptr;
+    u64 skip_until;
+    u64 cnt;
+    s32 fd;
+    u8 kind;
+    u8 dir;
+    u8 pad[2];
+};
+
+// userspace ABI (not kernel structs): iovec, msghdr, mmsghdr as the C library lays them out
+struct u_iovec {
+    u64 base;
+    u64 len;
+};
+#define MSGHDR_IOV_OFF 16
+#define MSGHDR_IOVLEN_OFF 24
+#define MMSGHDR_SIZE 64
+#define MMSGHDR_LEN_OFF 56
+
+#ifdef PY_SIZEOF_EV_HDR
+_Static_assert(sizeof(struct ev_hdr) == PY_SIZEOF_EV_HDR, "ev_hdr differs from Python");
+_Static_assert(offsetof(struct data_ev, data) == PY_SIZEOF_DATA_HDR, "data_ev differs from Python");
+_Static_assert(sizeof(struct conn_ev) == PY_SIZEOF_CONN_EV, "conn_ev differs from Python");
+_Static_assert(sizeof(struct conn_val) == PY_SIZEOF_CONN_VAL, "conn_val differs from Python");
+_Static_assert(sizeof(struct ctl_val) == PY_SIZEOF_CTL_VAL, "ctl_val differs from Python");
+_Static_assert(sizeof(struct cfg) == PY_SIZEOF_CFG, "cfg differs from Python");
+#endif
+_Static_assert(CHUNK_SIZE >= 64 && (CHUNK_SIZE & (CHUNK_SIZE - 1)) == 0, "CHUNK_SIZE: power of 2");
+_Static_assert(sizeof(struct data_ev) <= 32000, "per-CPU scratch too big: lower CHUNK_SIZE");
+
+BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
+BPF_HASH(conns, struct conn_key, struct conn_val, CONN_MAX);
+BPF_HASH(ctl, struct conn_key, struct ctl_val, CONN_MAX);
+BPF_TABLE("lru_hash", struct conn_key, u8, unknown_seen, 16384);
+BPF_HASH(conn_args, u32, struct conn_args, 4096);
+BPF_HASH(data_args, u32, struct data_args, 65536);
+BPF_HASH(pid_filter, u32, u8, 4096);
+BPF_HASH(cgroup_filter, u64, u8, 4096);
+BPF_HASH(port_filter, u16, u8, 1024);
+BPF_ARRAY(config, struct cfg, 1);
+BPF_PERCPU_ARRAY(counters, u64, C_NCOUNTERS);
+BPF_PERCPU_ARRAY(scratch, struct data_ev, 1);
+
+static __always_inline void count(u32 idx, u64 n) {
+    u64 *v = counters.lookup(&idx);
+    if (v)
+        *v += n;
+}
+
+static __always_inline struct cfg *get_cfg(void) {
+    u32 zero = 0;
+    return config.lookup(&zero);
+}
+
+// 1 when the current task must not be observed (self, pid and cgroup filters).
+static __always_inline int task_filtered(struct cfg *c, u32 tgid) {
+    if (tgid == c->self_tgid)
+        return 1;
+    if (c->flags & CF_PID_ANY) {
+        u8 *p = pid_filter.lookup(&tgid);
+        if (p && *p == FILTER_EXCLUDE)
+            return 1;
+        if ((c->flags & CF_PID_INCLUDE) && !(p && *p == FILTER_INCLUDE))
+            return 1;
+    }
+    if (c->flags & CF_CG_ANY) {
+        // The task's cgroup or any ancestor may be named in the filter (a unit's or a
+        // container's subtree).
+        int included = 0;
+        u64 id = bpf_get_current_cgroup_id();
+        u8 *p = cgroup_filter.lookup(&id);
+        if (p) {
+            if (*p == FILTER_EXCLUDE)
+                return 1;
+            included = 1;
+        }
+#pragma clang loop unroll(disable)
+        for (int lvl = 0; lvl < MAX_CG_LEVELS; lvl++) {
+            u64 anc = bpf_get_current_ancestor_cgroup_id(lvl);
+            if (anc == 0 || anc == id)
+                break;
+            p = cgroup_filter.lookup(&anc);
+            if (p) {
+                if (*p == FILTER_EXCLUDE)
+                    return 1;
+                included = 1;
+            }
+        }
+        if ((c->flags & CF_CG_INCLUDE) && !included)
+            return 1;
+    }
+    return 0;
+}
+
+static __always_inline int port_filtered(struct cfg *c, u16 port) {
+    if (!(c->flags & CF_PORT_ANY))
+        return 0;
+    u8 *p = port_filter.lookup(&port);
+    return p && *p == FILTER_EXCLUDE;
+}
+
+// ---------------------------------------------------------------------------------------
+// Protocol sniff. `v` holds the first 8 bytes (little endian), `n` how many are known.
+// Returns SNIFF_HTTP, SNIFF_PENDING (a prefix of something HTTP) or SNIFF_REJECTED; *hint
+// says whether it looked like a request, a response or HTTP/2.
+
+#define B8(a, b, c, d, e, f, g, h)                                                          \
+    ((u64)(a) | ((u64)(b) << 8) | ((u64)(c) << 16) | ((u64)(d) << 24) | ((u64)(e) << 32) |  \
+     ((u64)(f) << 40) | ((u64)(g) << 48) | ((u64)(h) << 56))
+
+static __always_inline int tok(u64 v, u32 n, u64 t, u32 tlen) {
+    u32 m = n < tlen ? n : tlen;
+    u64 mask = m >= 8 ? ~0ULL : ((1ULL << (m * 8)) - 1);
+    if ((v & mask) != (t & mask))
+        return 0;
+    return n >= tlen ? 2 : 1;
+}
+
+static __always_inline int classify(const u8 *b, u32 n, int midstream, u8 *hint) {
+    u64 v = 0;
+    __builtin_memcpy(&v, b, 8);
+    int best = 0, r;
+    *hint = HINT_REQUEST;
+#define T(t, l)                                                                              \
+    r = tok(v, n, t, l);                                                                     \
+    if (r == 2)                                                                              \
+        return SNIFF_HTTP;                                                                   \
+    if (r > best)                                                                            \
+        best = r;
+    T(B8('G', 'E', 'T', ' ', 0, 0, 0, 0), 4)
+    T(B8('P', 'O', 'S', 'T', ' ', 0, 0, 0), 5)
+    T(B8('P', 'U', 'T', ' ', 0, 0, 0, 0), 4)
+    T(B8('H', 'E', 'A', 'D', ' ', 0, 0, 0), 5)
+    T(B8('D', 'E', 'L', 'E', 'T', 'E', ' ', 0), 7)
+    T(B8('O', 'P', 'T', 'I', 'O', 'N', 'S', ' '), 8)
+    T(B8('P', 'A', 'T', 'C', 'H', ' ', 0, 0), 6)
+    T(B8('C', 'O', 'N', 'N', 'E', 'C', 'T', ' '), 8)
+    T(B8('T', 'R', 'A', 'C', 'E', ' ', 0, 0), 6)
+    *hint = HINT_H2;
+    T(B8('P', 'R', 'I', ' ', '*', ' ', 'H', 'T'), 8)
+    *hint = HINT_RESPONSE;
+    T(B8('H', 'T', 'T', 'P', '/', '1', '.', 0), 7)
+#undef T
+    // An HTTP/2 frame header: length (24 bit), type, flags, stream id (31 bit). At the start
+    // of a direction only the server's SETTINGS frame is plausible.
+    *hint = HINT_H2;
+    u32 len = ((u32)b[0] << 16) | ((u32)b[1] << 8) | b[2];
+    if (n >= 9) {
+        u8 type = b[3];
+        if (len > 16384 || type > 9 || (b[5] & 0x80))
+            return best ? SNIFF_PENDING : SNIFF_REJECTED;
+        if (midstream)
+            return SNIFF_HTTP;
+        if (type == 4 && (len % 6) == 0 && b[4] <= 1 && b[5] == 0 && b[6] == 0 && b[7] == 0 &&
+            b[8] == 0)
+            return SNIFF_HTTP;
+        return best ? SNIFF_PENDING : SNIFF_REJECTED;
+    }
+    if (best)
+        return SNIFF_PENDING;
+    if (n >= 1 && b[0] == 0 && (n < 2 || b[1] <= 0x40) && (n < 4 || b[3] <= 9))
+        return SNIFF_PENDING;
+    return SNIFF_REJECTED;
+}
+
+// ---------------------------------------------------------------------------------------
+// Events without data
+
+static __always_inline void fill_hdr(struct ev_hdr *h, u8 kind, u64 id, s32 fd) {
+    h->kind = kind;
+    h->dir = 0;
+    h->flags = 0;
+    h->role = 0;
+    h->fd = fd;
+    h->tgid = id >> 32;
+    h->tid = (u32)id;
+    h->ts_ns = bpf_ktime_get_ns();
+    bpf_get_current_comm(&h->comm, sizeof(h->comm));
+}
+
+static __always_inline int emit_simple(u8 kind, u64 id, s32 fd, u8 flags, u8 dir) {
+    struct ev_hdr *h = events.ringbuf_reserve(sizeof(struct ev_hdr));
+    if (!h) {
+        count(C_RING_FULL, 1);
+        return -1;
+    }
+    fill_hdr(h, kind, id, fd);
+    h->flags = flags;
+    h->dir = dir;
+    events.ringbuf_submit(h, 0);
+    count(C_EVENTS, 1);
+    return 0;
+}
+
+// ---------------------------------------------------------------------------------------
+// connect / accept / accept4
+
+static __always_inline int conn_enter(s32 fd, u64 addr, u64 addrlen, u8 role) {
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tid = (u32)id;
+    struct cfg *c = get_cfg();
+    if (!c || (id >> 32) == c->self_tgid)
+        return 0;
+    struct conn_args a = {};
+    a.addr = addr;
+    a.fd = fd;
+    a.addrlen = (u32)addrlen;
+    a.role = role;
+    conn_args.update(&tid, &a);
+    return 0;
+}
+
+static __always_inline int conn_exit(long ret) {
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tid = (u32)id;
+    u32 tgid = id >> 32;
+    struct conn_args *ap = conn_args.lookup(&tid);
+    if (!ap)
+        return 0;
+    struct conn_args a = *ap;
+    conn_args.delete(&tid);
+
+    s32 fd;
+    if (a.role == ROLE_CLIENT) {
+        if (ret != 0 && ret != -EINPROGRESS_)
+            return 0;
+        fd = a.fd;
+    } else {
+        if (ret < 0)
+            return 0;
+        fd = (s32)ret;
+    }
+    struct cfg *c = get_cfg();
+    if (!c)
+        return 0;
+
+    // sockaddr_in / sockaddr_in6 from user memory: family, port, then the address at 4 or 8.
+    u8 sa[28] = {};
+    u16 family = 0, port = 0;
+    if (a.addr) {
+        u64 len = a.role == ROLE_CLIENT ? a.addrlen : sizeof(sa);
+        if (len > sizeof(sa))
+            len = sizeof(sa);
+        len &= 31;
+        if (len > sizeof(sa))
+            return 0;
+        if (bpf_probe_read_user(sa, len, (void *)a.addr) != 0)
+            return 0;
+        family = sa[0] | ((u16)sa[1] << 8);
+        if (family != AF_INET_ && family != AF_INET6_)
+            return 0;  // AF_UNIX, AF_NETLINK, AF_UNSPEC (disconnect), ...
+        port = ((u16)sa[2] << 8) | sa[3];
+    }
+    if (task_filtered(c, tgid) || port_filtered(c, port)) {
+        count(C_FILTERED, 1);
+        return 0;
+    }
+
+    struct conn_ev *e = events.ringbuf_reserve(sizeof(struct conn_ev));
+    if (!e) {
+        count(C_RING_FULL, 1);
+        return 0;
+    }
+    fill_hdr(&e->h, EV_OPEN, id, fd);
+    e->h.role = a.role;
+    e->family = family;
+    e->port = port;
+    e->pad = 0;
+    __builtin_memset(e->addr, 0, sizeof(e->addr));
+    if (family == AF_INET_) {
+        __builtin_memcpy(e->addr, &sa[4], 4);
+    } else if (family == AF_INET6_) {
+        __builtin_memcpy(e->addr, &sa[8], 16);
+    }
+    u64 cookie = e->h.ts_ns;
+    e->cookie = cookie;
+    events.ringbuf_submit(e, 0);
+    count(C_EVENTS, 1);
+
+    // Insert after the event is reserved, so no data of this connection can precede it.
+    struct conn_key k = {.tgid = tgid, .fd = fd};
+    struct conn_val v = {};
+    v.cookie = cookie;
+    v.port = port;
+    v.role = a.role;
+    v.family = (u8)family;
+    if (conns.update(&k, &v) != 0)
+        count(C_CONN_TABLE_FULL, 1);
+    ctl.delete(&k);
+    unknown_seen.delete(&k);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_connect) {
+    return conn_enter((s32)args->fd, (u64)args->uservaddr, (u64)args->addrlen, ROLE_CLIENT);
+}
+TRACEPOINT_PROBE(syscalls, sys_exit_connect) { return conn_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_enter_accept) {
+    return conn_enter((s32)args->fd, (u64)args->upeer_sockaddr, 0, ROLE_SERVER);
+}
+TRACEPOINT_PROBE(syscalls, sys_exit_accept) { return conn_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_enter_accept4) {
+    return conn_enter((s32)args->fd, (u64)args->upeer_sockaddr, 0, ROLE_SERVER);
+}
+TRACEPOINT_PROBE(syscalls, sys_exit_accept4) { return conn_exit(args->ret); }
+
+// ---------------------------------------------------------------------------------------
+// close and process exit
+
+TRACEPOINT_PROBE(syscalls, sys_enter_close) {
+    u64 id = bpf_get_current_pid_tgid();
+    struct conn_key k = {.tgid = id >> 32, .fd = (s32)args->fd};
+    unknown_seen.delete(&k);
+    if (!conns.lookup(&k))
+        return 0;
+    conns.delete(&k);
+    ctl.delete(&k);
+    emit_simple(EV_CLOSE, id, k.fd, 0, 0);
+    return 0;
+}
+
+TRACEPOINT_PROBE(sched, sched_process_exit) {
+    u64 id = bpf_get_current_pid_tgid();
+#if HAVE_GROUP_DEAD
+    if (!args->group_dead)
+        return 0;
+#else
+    if ((u32)id != (id >> 32))
+        return 0;
+#endif
+    struct cfg *c = get_cfg();
+    if (!c || (id >> 32) == c->self_tgid)
+        return 0;
+    emit_simple(EV_EXIT, id, -1, 0, 0);
+    return 0;
+}
+
+// ---------------------------------------------------------------------------------------
+// Data: enter
+
+// Untracked fd written with HTTP-looking bytes: one notice per (tgid, fd).
+static __always_inline void unknown_check(struct cfg *c, struct conn_key *k, u64 id, u64 ptr,
+                                          u64 cnt, u8 kind) {
+    u8 *seen = unknown_seen.lookup(k);
+    if (seen)
+        return;
+    u64 buf = ptr, len = cnt;
+    if (kind == K_MSG) {
+        u64 iovp = 0, iovlen = 0;
+        if (bpf_probe_read_user(&iovp, 8, (void *)(ptr + MSGHDR_IOV_OFF)) ||
+            bpf_probe_read_user(&iovlen, 8, (void *)(ptr + MSGHDR_IOVLEN_OFF)) || !iovlen)
+            return;
+        buf = iovp;
+        kind = K_IOV;
+    }
+    if (kind == K_IOV) {
+        struct u_iovec iov = {};
+        if (bpf_probe_read_user(&iov, sizeof(iov), (void *)buf))
+            return;
+        buf = iov.base;
+        len = iov.len;
+    } else if (kind != K_BUF) {
+        return;
+    }
+    if (len < 4)
+        return;
+    u8 b[SNIFF_LEN] = {};
+    u64 n = len > SNIFF_LEN ? SNIFF_LEN : len;
+    n &= (SNIFF_LEN * 2 - 1);
+    if (n > SNIFF_LEN)
+        return;
+    if (bpf_probe_read_user(b, n, (void *)buf))
+        return;
+    u8 hint = 0;
+    if (classify(b, (u32)n, 1, &hint) != SNIFF_HTTP)
+        return;
+    if (task_filtered(c, k->tgid)) {
+        count(C_FILTERED, 1);
+        return;
+    }
+    u8 one = 1;
+    unknown_seen.update(k, &one);
+    count(C_UNKNOWN_FD, 1);
+    emit_simple(EV_UNKNOWN_FD, id, k->fd, hint, DIR_SEND);
+}
+
+static __always_inline int data_enter(s32 fd, u64 ptr, u64 cnt, u8 kind, u8 dir) {
+    u64 id = bpf_get_current_pid_tgid();
+    struct cfg *c = get_cfg();
+    if (!c || (id >> 32) == c->self_tgid)
+        return 0;
+    struct conn_key k = {.tgid = id >> 32, .fd = fd};
+    struct conn_val *cv = conns.lookup(&k);
+    if (!cv) {
+        if (dir == DIR_SEND && kind != K_NONE)
+            unknown_check(c, &k, id, ptr, cnt, kind);
+        return 0;
+    }
+    if (task_filtered(c, k.tgid) || port_filtered(c, cv->port)) {
+        count(C_FILTERED, 1);
+        return 0;
+    }
+    u8 st = dir == DIR_SEND ? cv->d[0].sniff : cv->d[1].sniff;
+    if (st == SNIFF_REJECTED) {
+        count(C_SNIFF_REJECTED, 1);
+        return 0;
+    }
+    struct data_args a = {};
+    struct ctl_val *cl = ctl.lookup(&k);
+    if (cl && cl->cookie == cv->cookie) {
+        if (cl->flags & CTL_IGNORE) {
+            count(C_IGNORED, 1);
+            return 0;
+        }
+        a.skip_until = dir == DIR_SEND ? cl->skip_until[0] : cl->skip_until[1];
+    }
+    a.ptr = ptr;
+    a.cnt = cnt;
+    a.fd = fd;
+    a.kind = kind;
+    a.dir = dir;
+    u32 tid = (u32)id;
+    if (data_args.update(&tid, &a) != 0)
+        count(C_STASH_FULL, 1);
+    return 0;
+}
+
+// ---------------------------------------------------------------------------------------
+// Data: exit. The cursor walks (message -> iovec -> bytes) in one constant-bounded loop.
+
+// The copy of one syscall's bytes runs as a chain of tail calls into copy_step, each doing
+// up to STEP_ITERS steps of a flat cursor (message -> iovec -> bytes). Every verified
+// program stays small (the verifier here costs tens of microseconds per instruction), and
+// the cursor lives in a per-CPU map value read through a volatile pointer, so the verifier
+// sees unknown scalars at each step (clamped before use) and prunes instead of tracking
+// every byte count. Tail calls stay on the CPU; the chain cannot be interleaved with
+// another program on this CPU (bpf_prog_active).
+struct cursor {
+    u64 cur;        // user pointer of the current segment
+    u64 cur_left;   // bytes left in the current segment
+    u64 msg_left;   // bytes left in the current message
+    u64 iov_ptr;    // iovec array of the current message
+    u64 iov_n;
+    u64 iov_i;
+    u64 msg_ptr;    // mmsghdr array
+    u64 msg_n;
+    u64 msg_i;
+    u64 remaining;  // bytes of the syscall not walked yet
+    u64 skip_left;
+    u64 cap_left;   // bytes still to copy
+    u64 copied;     // bytes copied and delivered
+    u64 len;
+    u64 total;
+    u64 skip;
+    u32 calls;
+    u8 kind;
+    u8 stop;        // 1: stopped early (bound, fault), 2: ring full
+    u8 last_sent;
+    u8 pad;
+};
+BPF_PERCPU_ARRAY(cursors, struct cursor, 1);
+BPF_PROG_ARRAY(copy_jmp, 1);
+
+#define STEP_ITERS 8
+#define MAX_CALLS 30
+
+static __always_inline u64 mmsg_total(u64 ptr, long nmsg) {
+    u64 total = 0;
+#pragma clang loop unroll(disable)
+    for (int i = 0; i < MAX_MMSG_SUM; i++) {
+        if (i >= nmsg)
+            break;
+        u32 l = 0;
+        bpf_probe_read_user(&l, sizeof(l), (void *)(ptr + (u64)i * MMSGHDR_SIZE + MMSGHDR_LEN_OFF));
+        total += l;
+    }
+    return total;
+}
+
+// The user pointer and length of the first segment of the syscall's bytes.
+static __always_inline void first_segment(struct data_args *a, u64 total, u64 *ptr, u64 *len) {
+    u64 iovp = a->ptr;
+    *ptr = 0;
+    *len = 0;
+    if (a->kind == K_BUF) {
+        *ptr = a->ptr;
+        *len = total;
+        return;
+    }
+    if (a->kind == K_MSG || a->kind == K_MMSG) {
+        if (bpf_probe_read_user(&iovp, 8, (void *)(a->ptr + MSGHDR_IOV_OFF)))
+            return;
+    } else if (a->kind != K_IOV) {
+        return;
+    }
+    struct u_iovec iov = {};
+    if (bpf_probe_read_user(&iov, sizeof(iov), (void *)iovp))
+        return;
+    *ptr = iov.base;
+    *len = iov.len < total ? iov.len : total;
+}
+
+// Protocol gate for a direction whose sniff is not decided yet. Returns 1 when the syscall
+// must not be reported. Runs once per syscall, before the copy loop (inside the loop its
+// branches multiply the verifier's states).
+static __always_inline int sniff_gate(struct data_args *a, struct dir_state *ds, u64 offset,
+                                      u64 skip, u64 total) {
+    u8 st0 = ds->sniff;
+    if (st0 != SNIFF_PENDING && st0 != SNIFF_RESYNC)
+        return 0;
+    if (skip)
+        return 0;  // userspace asked to skip: it knows what this stream is
+    u64 ptr = 0, seg = 0;
+    first_segment(a, total, &ptr, &seg);
+    u8 b[SNIFF_LEN] = {};
+    u64 n = seg > SNIFF_LEN ? SNIFF_LEN : seg;
+    BARRIER_VAR(n);
+    if (n > SNIFF_LEN)
+        n = SNIFF_LEN;
+    if (n && bpf_probe_read_user(b, n, (void *)ptr))
+        n = 0;
+    u8 hint = 0;
+    int st;
+    if (st0 == SNIFF_PENDING && offset == ds->sniff_len && ds->sniff_len < SNIFF_LEN) {
+        // Still at the start of the direction: accumulate (1-byte writes).
+        u32 sl = ds->sniff_len;
+#pragma clang loop unroll(disable)
+        for (u32 i = 0; i < SNIFF_LEN; i++) {
+            u32 j = sl + i;
+            if (i >= n || j >= SNIFF_LEN)
+                break;
+            BARRIER_VAR(j);  // keep the mask: the verifier needs it, clang would drop it
+            j &= SNIFF_LEN - 1;
+            ds->sniff_buf[j] = b[i & (SNIFF_LEN - 1)];
+            ds->sniff_len = j + 1;
+        }
+        st = classify(ds->sniff_buf, ds->sniff_len, 0, &hint);
+    } else {
+        // Adopted mid-stream, or the start was not seen contiguously: judge this syscall
+        // alone and drop it unless it starts like HTTP.
+        st = classify(b, (u32)n, 1, &hint);
+        if (st != SNIFF_HTTP) {
+            count(C_SNIFF_REJECTED, 1);
+            return 1;
+        }
+    }
+    if (st == SNIFF_REJECTED) {
+        ds->sniff = SNIFF_REJECTED;
+        count(C_SNIFF_REJECTED, 1);
+        return 1;
+    }
+    if (st == SNIFF_HTTP)
+        ds->sniff = SNIFF_HTTP;
+    return 0;
+}
+
+static __always_inline void copy_finish(volatile struct cursor *s, struct data_ev *ev) {
+    u64 copied = s->copied;
+    if (!s->last_sent && s->stop != 2) {
+        // Nothing copied, or stopped early: a header-only record closes the syscall.
+        ev->chunk_off = (u32)copied;
+        ev->chunk_len = 0;
+        ev->h.flags = (copied == 0 ? DF_FIRST : 0) | DF_LAST | (ev->h.flags & DF_NODATA);
+        if (events.ringbuf_output(ev, offsetof(struct data_ev, data), 0) != 0)
+            count(C_RING_FULL, 1);
+        else
+            count(C_EVENTS, 1);
+    }
+    u64 skip = s->skip;
+    if (skip)
+        count(C_SKIPPED_BYTES, skip);
+    u64 missed = s->total - skip - copied;
+    if (missed) {
+        count(C_TRUNCATED_BYTES, missed);
+        count(C_TRUNCATED_SYSCALLS, 1);
+    }
+}
+
+int copy_step(void *ctx) {
+    u32 zero = 0;
+    struct data_ev *ev = scratch.lookup(&zero);
+    volatile struct cursor *s = cursors.lookup(&zero);
+    if (!ev || !s)
+        return 0;
+    u8 kind = s->kind;
+#pragma clang loop unroll(disable)
+    for (int i = 0; i < STEP_ITERS; i++) {
+        if (s->remaining == 0 || (s->skip_left == 0 && s->cap_left == 0)) {
+            s->stop = s->stop ? s->stop : 3;  // done
+            break;
+        }
+        if (s->cur_left == 0) {
+            u64 iov_i = s->iov_i;
+            if (kind != K_BUF && iov_i < s->iov_n && s->msg_left > 0) {
+                if (iov_i >= MAX_IOV) {
+                    s->stop = 1;
+                    break;
+                }
+                struct u_iovec iov = {};
+                if (bpf_probe_read_user(&iov, sizeof(iov),
+                                        (void *)(s->iov_ptr + iov_i * sizeof(iov)))) {
+                    s->stop = 1;
+                    break;
+                }
+                s->iov_i = iov_i + 1;
+                s->cur = iov.base;
+                u64 ml = s->msg_left;
+                s->cur_left = iov.len < ml ? iov.len : ml;
+                continue;
+            }
+            u64 msg_i = s->msg_i;
+            if (kind == K_MMSG && msg_i < s->msg_n && msg_i < MAX_MMSG) {
+                u64 base = s->msg_ptr + msg_i * MMSGHDR_SIZE;
+                u64 iovp = 0, iovn = 0;
+                u32 l = 0;
+                if (bpf_probe_read_user(&iovp, 8, (void *)(base + MSGHDR_IOV_OFF)) ||
+                    bpf_probe_read_user(&iovn, 8, (void *)(base + MSGHDR_IOVLEN_OFF)) ||
+                    bpf_probe_read_user(&l, 4, (void *)(base + MMSGHDR_LEN_OFF))) {
+                    s->stop = 1;
+                    break;
+                }
+                s->iov_ptr = iovp;
+                s->iov_n = iovn;
+                s->msg_i = msg_i + 1;
+                s->iov_i = 0;
+                s->msg_left = l;
+                continue;
+            }
+            s->stop = 1;
+            break;
+        }
+        u64 n = s->cur_left;
+        u64 rem = s->remaining;
+        if (n > rem)
+            n = rem;
+        u64 sk = s->skip_left;
+        if (sk) {
+            if (n > sk)
+                n = sk;
+            s->skip_left = sk - n;
+        } else {
+            u64 cl = s->cap_left;
+            if (n > cl)
+                n = cl;
+            if (n > CHUNK_SIZE)
+                n = CHUNK_SIZE;
+            // Through the map and back masked (a no-op: n <= CHUNK_SIZE): one verifier
+            // state for the length instead of one per path through the min() chain.
+            s->len = n;
+            u64 len = s->len;
+            len &= 2 * CHUNK_SIZE - 1;
+            if (bpf_probe_read_user(ev->data, len, (void *)s->cur) != 0) {
+                s->stop = 1;
+                break;
+            }
+            u64 copied = s->copied;
+            int last = len >= cl;
+            ev->chunk_off = (u32)copied;
+            ev->chunk_len = (u32)len;
+            ev->h.flags = (copied == 0 ? DF_FIRST : 0) | (last ? DF_LAST : 0);
+            if (events.ringbuf_output(ev, offsetof(struct data_ev, data) + len, 0) != 0) {
+                count(C_RING_FULL, 1);
+                s->stop = 2;
+                break;
+            }
+            count(C_EVENTS, 1);
+            count(C_BYTES, len);
+            s->copied = copied + len;
+            s->cap_left = cl - len;
+            s->last_sent = last;
+            n = len;
+        }
+        s->cur += n;
+        s->cur_left -= n;
+        s->msg_left -= n;
+        s->remaining = rem - n;
+    }
+    if (s->stop == 0 && s->calls < MAX_CALLS) {
+        s->calls += 1;
+        copy_jmp.call(ctx, 0);
+        // the tail call failed (chain limit): what is left is a gap
+    }
+    copy_finish(s, ev);
+    return 0;
+}
+
+static __always_inline int data_exit(void *ctx, long ret, const u8 kind) {
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tid = (u32)id;
+    struct data_args *ap = data_args.lookup(&tid);
+    if (!ap)
+        return 0;
+    struct data_args a = *ap;
+    a.kind = kind;  // a compile-time constant per program: dead paths vanish
+    data_args.delete(&tid);
+    if (ret <= 0)
+        return 0;
+    struct conn_key k = {.tgid = id >> 32, .fd = a.fd};
+    struct conn_val *cv = conns.lookup(&k);
+    if (!cv)
+        return 0;  // closed meanwhile by another thread
+    u32 zero = 0;
+    struct data_ev *ev = scratch.lookup(&zero);
+    volatile struct cursor *s = cursors.lookup(&zero);
+    struct cfg *c = get_cfg();
+    if (!ev || !s || !c)
+        return 0;
+    struct dir_state *ds = a.dir == DIR_SEND ? &cv->d[0] : &cv->d[1];
+
+    u64 total = (u64)ret;
+    u64 iov_ptr = 0, iov_n = 0, cur = 0, cur_left = 0, msg_left = 0;
+    if (kind == K_MMSG) {
+        total = mmsg_total(a.ptr, ret);
+    } else if (kind == K_MSG) {
+        if (bpf_probe_read_user(&iov_ptr, 8, (void *)(a.ptr + MSGHDR_IOV_OFF)) ||
+            bpf_probe_read_user(&iov_n, 8, (void *)(a.ptr + MSGHDR_IOVLEN_OFF)))
+            iov_n = 0;
+        msg_left = total;
+    } else if (kind == K_IOV) {
+        iov_ptr = a.ptr;
+        iov_n = a.cnt;
+        msg_left = total;
+    } else if (kind == K_BUF) {
+        cur = a.ptr;
+        cur_left = total;
+        msg_left = total;
+    }
+
+    u64 offset = ds->offset;
+    ds->offset = offset + total;
+    u64 skip = 0;
+    if (a.skip_until > offset)
+        skip = a.skip_until - offset;
+    if (skip > total)
+        skip = total;
+    if (sniff_gate(&a, ds, offset, skip, total))
+        return 0;  // not HTTP: nothing reported, nothing counted as truncated
+    u64 cap = c->cap;
+    if (cap > MAX_CAP)
+        cap = MAX_CAP;
+    if (cap > total - skip)
+        cap = total - skip;
+
+    fill_hdr(&ev->h, EV_DATA, id, a.fd);
+    ev->h.dir = a.dir;
+    ev->h.role = cv->role;
+    ev->h.flags = kind == K_NONE ? DF_NODATA : 0;
+    ev->total_len = total;
+    ev->offset = offset;
+    ev->skipped = skip;
+    ev->chunk_off = 0;
+    ev->chunk_len = 0;
+
+    s->cur = cur;
+    s->cur_left = cur_left;
+    s->msg_left = msg_left;
+    s->iov_ptr = iov_ptr;
+    s->iov_n = iov_n;
+    s->iov_i = 0;
+    s->msg_ptr = a.ptr;
+    s->msg_n = kind == K_MMSG ? (u64)ret : 0;
+    s->msg_i = 0;
+    s->remaining = kind == K_NONE ? 0 : total;
+    s->skip_left = skip;
+    s->cap_left = cap;
+    s->copied = 0;
+    s->len = 0;
+    s->total = total;
+    s->skip = skip;
+    s->calls = 0;
+    s->kind = kind;
+    s->stop = 0;
+    s->last_sent = 0;
+    copy_jmp.call(ctx, 0);
+    // copy_step not installed (only while loading): report the syscall as a gap
+    s->stop = 1;
+    copy_finish(s, ev);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_write) {
+    return data_enter((s32)args->fd, (u64)args->buf, args->count, K_BUF, DIR_SEND);
+}
+TRACEPOINT_PROBE(syscalls, sys_exit_write) { return data_exit(args, args->ret, K_BUF); }
+TRACEPOINT_PROBE(syscalls, sys_enter_writev) {
+    return data_enter((s32)args->fd, (u64)args->vec, args->vlen, K_IOV, DIR_SEND);
+}
+TRACEPOINT_PROBE(syscalls, sys_exit_writev) { return data_exit(args, args->ret, K_IOV); }
+TRACEPOINT_PROBE(syscalls, sys_enter_sendto) {
+    return data_enter((s32)args->fd, (u64)args->buff, args->len, K_BUF, DIR_SEND);
+}
+TRACEPOINT_PROBE(syscalls, sys_exit_sendto) { return data_exit(args, args->ret, K_BUF); }
+TRACEPOINT_PROBE(syscalls, sys_enter_sendmsg) {
+    return data_enter((s32)args->fd, (u64)args->msg, 0, K_MSG, DIR_SEND);
+}
+TRACEPOINT_PROBE(syscalls, sys_exit_sendmsg) { return data_exit(args, args->ret, K_MSG); }
+TRACEPOINT_PROBE(syscalls, sys_enter_sendmmsg) {
+    return data_enter((s32)args->fd, (u64)args->mmsg, args->vlen, K_MMSG, DIR_SEND);
+}
+TRACEPOINT_PROBE(syscalls, sys_exit_sendmmsg) { return data_exit(args, args->ret, K_MMSG); }
+TRACEPOINT_PROBE(syscalls, sys_enter_sendfile64) {
+    return data_enter((s32)args->out_fd, 0, args->count, K_NONE, DIR_SEND);
+}
+TRACEPOINT_PROBE(syscalls, sys_exit_sendfile64) { return data_exit(args, args->ret, K_NONE); }
+
+TRACEPOINT_PROBE(syscalls, sys_enter_read) {
+    return data_enter((s32)args->fd, (u64)args->buf, args->count, K_BUF, DIR_RECV);
+}
+TRACEPOINT_PROBE(syscalls, sys_exit_read) { return data_exit(args, args->ret, K_BUF); }
+TRACEPOINT_PROBE(syscalls, sys_enter_readv) {
+    return data_enter((s32)args->fd, (u64)args->vec, args->vlen, K_IOV, DIR_RECV);
+}
+TRACEPOINT_PROBE(syscalls, sys_exit_readv) { return data_exit(args, args->ret, K_IOV); }
+TRACEPOINT_PROBE(syscalls, sys_enter_recvfrom) {
+    return data_enter((s32)args->fd, (u64)args->ubuf, args->size, K_BUF, DIR_RECV);
+}
+TRACEPOINT_PROBE(syscalls, sys_exit_recvfrom) { return data_exit(args, args->ret, K_BUF); }
+TRACEPOINT_PROBE(syscalls, sys_enter_recvmsg) {
+    return data_enter((s32)args->fd, (u64)args->msg, 0, K_MSG, DIR_RECV);
+}
+TRACEPOINT_PROBE(syscalls, sys_exit_recvmsg) { return data_exit(args, args->ret, K_MSG); }
+TRACEPOINT_PROBE(syscalls, sys_enter_recvmmsg) {
+    return data_enter((s32)args->fd, (u64)args->mmsg, args->vlen, K_MMSG, DIR_RECV);
+}
+TRACEPOINT_PROBE(syscalls, sys_exit_recvmmsg) { return data_exit(args, args->ret, K_MMSG); }

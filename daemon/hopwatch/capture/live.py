@@ -1,0 +1,643 @@
+"""Live capture: the one adapter that touches the kernel.
+
+Loads ``bpf/capture.c`` through bcc (compiled with ``-D`` cflags only), attaches the syscall
+tracepoints, drains the ring buffer and turns its records into the plain events of
+:mod:`hopwatch.capture._types`. Runtime settings (filters, skip offsets, adopted and ignored
+connections) are map updates; nothing is templated into the C source.
+
+Reassembly: the kernel emits one syscall's bytes as one or more records (at most
+``chunk_size`` bytes each) that share the syscall's (tid, ts). Records from different CPUs
+interleave in the ring, but the records of one thread arrive in order, so pending syscalls
+are keyed by tid. Output keeps the ring's order: every event takes a slot when its first
+record arrives, and a slot is released only once its syscall is complete (its last record
+arrived, another syscall of the same thread started, or it went stale after a drop).
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes as ct
+import logging
+import os
+import socket
+import struct
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hopwatch.capture._types import (
+    CaptureEvent,
+    ConnClosed,
+    ConnOpened,
+    DataChunk,
+    Direction,
+    LostEvents,
+    ProcessExited,
+    SockAddr,
+    UnknownFd,
+)
+from hopwatch.kernel import KernelError, prepare_kernel
+
+__all__ = ["BPF_SOURCE", "CaptureConfig", "LiveCapture"]
+
+log = logging.getLogger(__name__)
+
+
+def _find_source() -> Path:
+    here = Path(__file__).resolve()
+    for candidate in (
+        here.parents[3] / "bpf" / "capture.c",  # source checkout: <repo>/daemon/hopwatch/capture
+        here.parents[1] / "bpf" / "capture.c",  # wheel: hopwatch/bpf (force-include)
+    ):
+        if candidate.exists():
+            return candidate
+    return here.parents[3] / "bpf" / "capture.c"
+
+
+BPF_SOURCE = _find_source()
+
+# --- ABI shared with bpf/capture.c (sizes checked by _Static_assert at compile time) -------
+
+EV_DATA, EV_OPEN, EV_CLOSE, EV_EXIT, EV_UNKNOWN_FD = 1, 2, 3, 4, 5
+DF_FIRST, DF_LAST, DF_NODATA = 1, 2, 4
+ROLE_NAMES = {0: "", 1: "client", 2: "server"}
+ROLE_CODES = {"client": 1, "server": 2}
+HINT_ROLES = {1: "client", 2: "server", 3: ""}
+SNIFF_PENDING, SNIFF_HTTP, SNIFF_REJECTED, SNIFF_RESYNC = 0, 1, 2, 3
+CF_PID_INCLUDE, CF_PID_ANY, CF_CG_INCLUDE, CF_CG_ANY, CF_PORT_ANY = 1, 2, 4, 8, 16
+FILTER_INCLUDE, FILTER_EXCLUDE = 1, 2
+CTL_IGNORE = 1
+BPF_NOEXIST = 1
+
+COUNTERS = (
+    "events",
+    "bytes",
+    "ring_full",
+    "truncated_bytes",
+    "filtered",
+    "sniff_rejected",
+    "conn_table_full",
+    "unknown_fd",
+    "skipped_bytes",
+    "truncated_syscalls",
+    "ignored",
+    "stash_full",
+)
+
+
+class EvHdr(ct.Structure):
+    _fields_ = [
+        ("kind", ct.c_uint8),
+        ("dir", ct.c_uint8),
+        ("flags", ct.c_uint8),
+        ("role", ct.c_uint8),
+        ("fd", ct.c_int32),
+        ("tgid", ct.c_uint32),
+        ("tid", ct.c_uint32),
+        ("ts_ns", ct.c_uint64),
+        ("comm", ct.c_char * 16),
+    ]
+
+
+class DataHdr(ct.Structure):
+    _fields_ = [
+        ("h", EvHdr),
+        ("total_len", ct.c_uint64),
+        ("offset", ct.c_uint64),
+        ("skipped", ct.c_uint64),
+        ("chunk_off", ct.c_uint32),
+        ("chunk_len", ct.c_uint32),
+    ]
+
+
+class ConnEv(ct.Structure):
+    _fields_ = [
+        ("h", EvHdr),
+        ("family", ct.c_uint16),
+        ("port", ct.c_uint16),
+        ("pad", ct.c_uint32),
+        ("addr", ct.c_uint8 * 16),
+        ("cookie", ct.c_uint64),
+    ]
+
+
+class ConnKey(ct.Structure):
+    _fields_ = [("tgid", ct.c_uint32), ("fd", ct.c_int32)]
+
+
+class DirState(ct.Structure):
+    _fields_ = [
+        ("offset", ct.c_uint64),
+        ("sniff", ct.c_uint8),
+        ("sniff_len", ct.c_uint8),
+        ("pad", ct.c_uint8 * 6),
+        ("sniff_buf", ct.c_uint8 * 16),
+    ]
+
+
+class ConnVal(ct.Structure):
+    _fields_ = [
+        ("cookie", ct.c_uint64),
+        ("port", ct.c_uint16),
+        ("role", ct.c_uint8),
+        ("family", ct.c_uint8),
+        ("pad", ct.c_uint32),
+        ("d", DirState * 2),
+    ]
+
+
+class CtlVal(ct.Structure):
+    _fields_ = [
+        ("cookie", ct.c_uint64),
+        ("skip_until", ct.c_uint64 * 2),
+        ("flags", ct.c_uint32),
+        ("pad", ct.c_uint32),
+    ]
+
+
+class Cfg(ct.Structure):
+    _fields_ = [("self_tgid", ct.c_uint32), ("flags", ct.c_uint32), ("cap", ct.c_uint64)]
+
+
+_HDR = struct.Struct("<BBBBiIIQ16s")
+_DATA = struct.Struct("<QQQII")
+_CONN = struct.Struct("<HHI16sQ")
+assert _HDR.size == ct.sizeof(EvHdr)
+assert _HDR.size + _DATA.size == ct.sizeof(DataHdr)
+assert _HDR.size + _CONN.size == ct.sizeof(ConnEv)
+
+_SIZE_CFLAGS = [
+    f"-DPY_SIZEOF_EV_HDR={ct.sizeof(EvHdr)}",
+    f"-DPY_SIZEOF_DATA_HDR={ct.sizeof(DataHdr)}",
+    f"-DPY_SIZEOF_CONN_EV={ct.sizeof(ConnEv)}",
+    f"-DPY_SIZEOF_CONN_VAL={ct.sizeof(ConnVal)}",
+    f"-DPY_SIZEOF_CTL_VAL={ct.sizeof(CtlVal)}",
+    f"-DPY_SIZEOF_CFG={ct.sizeof(Cfg)}",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class CaptureConfig:
+    """Load-time settings (cflags) and initial runtime settings (maps)."""
+
+    ring_bytes: int = 16 * 1024 * 1024  # rounded up to a power-of-two number of pages
+    chunk_size: int = 8192  # bytes per ring record (power of two, <= 8192)
+    max_cap: int = 65536  # compile-time ceiling of the per-syscall copy cap
+    cap_bytes: int = 65536  # runtime per-syscall copy cap (<= max_cap)
+    conn_max: int = 65536  # tracked connections
+    exclude_self: bool = True
+    stale_after_s: float = 1.0  # an incomplete syscall is flushed after this long
+
+
+@dataclass(slots=True)
+class _Pending:
+    hdr: tuple[Any, ...]
+    total_len: int
+    offset: int
+    skipped: int
+    parts: list[bytes] = field(default_factory=list)
+    have: int = 0
+    broken: bool = False
+    event: DataChunk | None = None
+    arrived: float = 0.0
+
+
+def _comm(raw: bytes) -> str:
+    return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
+def _peer(family: int, port: int, addr: bytes) -> SockAddr | None:
+    if family == socket.AF_INET:
+        return SockAddr(family, socket.inet_ntop(socket.AF_INET, addr[:4]), port)
+    if family == socket.AF_INET6:
+        return SockAddr(family, socket.inet_ntop(socket.AF_INET6, addr[:16]), port)
+    return None
+
+
+def _ring_pages(ring_bytes: int) -> int:
+    pages = max(1, -(-ring_bytes // os.sysconf("SC_PAGE_SIZE")))
+    return 1 << (pages - 1).bit_length()
+
+
+def _have_group_dead(tracefs: Path) -> bool:
+    fmt = tracefs / "events" / "sched" / "sched_process_exit" / "format"
+    try:
+        return "group_dead" in fmt.read_text()
+    except OSError:
+        return False
+
+
+class _StderrCapture:
+    """bcc prints clang diagnostics and verifier logs on fd 2: keep them for the exception."""
+
+    def __enter__(self) -> _StderrCapture:
+        self._tmp = tempfile.TemporaryFile()
+        self._saved = os.dup(2)
+        os.dup2(self._tmp.fileno(), 2)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.dup2(self._saved, 2)
+        os.close(self._saved)
+        self._tmp.seek(0)
+        self.text = self._tmp.read().decode("utf-8", "replace")
+        self._tmp.close()
+
+    text = ""
+
+
+class LiveCapture:
+    """Loads the capture programs; ``poll()`` yields :data:`CaptureEvent` objects.
+
+    Use as a context manager, or call :meth:`open` and :meth:`close`.
+    """
+
+    def __init__(self, config: CaptureConfig | None = None, *, source: Path | None = None) -> None:
+        self.config = config or CaptureConfig()
+        if self.config.chunk_size & (self.config.chunk_size - 1) or not (
+            64 <= self.config.chunk_size <= 8192
+        ):
+            raise ValueError("chunk_size must be a power of two between 64 and 8192")
+        self.source = source or BPF_SOURCE
+        self._bpf: Any = None
+        self._raw: list[bytes] = []
+        self._slots: collections.deque[CaptureEvent | _Pending] = collections.deque()
+        self._pending: dict[int, tuple[int, _Pending]] = {}  # tid -> (ts_ns, pending)
+        self._cookies: dict[tuple[int, int], int] = {}  # (tgid, fd) -> connection cookie
+        self._ctl: dict[tuple[int, int], CtlVal] = {}
+        self._by_tgid: dict[int, set[int]] = collections.defaultdict(set)
+        self._lost_seen: dict[str, int] = {"ring_full": 0, "conn_table_full": 0}
+        self._user_stats = {"incomplete_syscalls": 0, "orphan_chunks": 0}
+        self._cfg = Cfg(self_tgid=0, flags=0, cap=self.config.cap_bytes)
+        self._pid_filter: dict[int, int] = {}
+        self._cg_filter: dict[int, int] = {}
+        self._ports: set[int] = set()
+        self._next_cookie = 1 << 63
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def __enter__(self) -> LiveCapture:
+        self.open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def is_open(self) -> bool:
+        return self._bpf is not None
+
+    def open(self) -> None:
+        if self._bpf is not None:
+            return
+        env = prepare_kernel()
+        try:
+            from bcc import BPF
+        except ImportError as exc:
+            raise KernelError(
+                "bcc_missing",
+                f"the bcc Python package cannot be imported ({exc})",
+                "install python3-bpfcc and expose it to the venv: run `make setup`",
+            ) from exc
+        if not self.source.exists():
+            raise KernelError(
+                "source_missing", f"BPF source {self.source} not found", "reinstall hopwatch"
+            )
+        cfg = self.config
+        cflags = [
+            f"-DCHUNK_SIZE={cfg.chunk_size}",
+            f"-DMAX_CAP={cfg.max_cap}",
+            f"-DRINGBUF_PAGES={_ring_pages(cfg.ring_bytes)}",
+            f"-DCONN_MAX={cfg.conn_max}",
+            f"-DHAVE_GROUP_DEAD={int(_have_group_dead(env.tracefs))}",
+            *_SIZE_CFLAGS,
+        ]
+        t0 = time.monotonic()
+        cap = _StderrCapture()
+        try:
+            with cap:
+                bpf = BPF(src_file=str(self.source).encode(), cflags=cflags)
+        except Exception as exc:
+            raise self._load_error(exc, cap.text) from exc
+        try:
+            with cap:
+                step = bpf.load_func(b"copy_step", BPF.TRACEPOINT)
+            bpf[b"copy_jmp"][ct.c_int(0)] = ct.c_int(step.fd)
+            self._bpf = bpf
+            self._write_cfg(exclude_self=cfg.exclude_self)
+            bpf[b"events"].open_ring_buffer(self._on_record)
+        except Exception as exc:
+            bpf.cleanup()
+            self._bpf = None
+            raise self._load_error(exc, cap.text) from exc
+        log.info(
+            "capture loaded in %.2fs (headers %s, ring %d pages)",
+            time.monotonic() - t0,
+            env.headers_source,
+            _ring_pages(cfg.ring_bytes),
+        )
+
+    @staticmethod
+    def _load_error(exc: Exception, diagnostics: str) -> KernelError:
+        msg = str(exc)
+        tail = "\n".join(diagnostics.strip().splitlines()[-25:])
+        detail = f"{msg}\n{tail}" if tail else msg
+        if "Permission denied" in msg and os.geteuid() != 0:
+            return KernelError(
+                "permission", f"loading eBPF failed: {detail}", "run hopwatch as root"
+            )
+        if "compile" in msg.lower():
+            return KernelError(
+                "compile",
+                f"bcc could not compile {BPF_SOURCE.name}: {detail}",
+                "check the kernel headers (`hopwatch doctor`; `make setup` rebuilds them)",
+            )
+        if "load" in msg.lower():
+            return KernelError(
+                "verifier",
+                f"the kernel rejected a capture program: {detail}",
+                "report this with the verifier log above; a different CHUNK/cap may load",
+            )
+        return KernelError(
+            "attach",
+            f"attaching the capture programs failed: {detail}",
+            "check that tracefs is mounted and syscall tracepoints exist (`hopwatch doctor`)",
+        )
+
+    def close(self) -> None:
+        bpf, self._bpf = self._bpf, None
+        if bpf is not None:
+            bpf.cleanup()
+
+    # -- runtime settings (map updates) -----------------------------------------------
+
+    def _require(self) -> Any:
+        if self._bpf is None:
+            raise RuntimeError("LiveCapture is not open")
+        return self._bpf
+
+    def _write_cfg(self, *, exclude_self: bool | None = None) -> None:
+        bpf = self._require()
+        if exclude_self is not None:
+            self._cfg.self_tgid = os.getpid() if exclude_self else 0
+        flags = 0
+        if self._pid_filter:
+            flags |= CF_PID_ANY
+        if FILTER_INCLUDE in self._pid_filter.values():
+            flags |= CF_PID_INCLUDE
+        if self._cg_filter:
+            flags |= CF_CG_ANY
+        if FILTER_INCLUDE in self._cg_filter.values():
+            flags |= CF_CG_INCLUDE
+        if self._ports:
+            flags |= CF_PORT_ANY
+        self._cfg.flags = flags
+        bpf[b"config"][ct.c_int(0)] = self._cfg
+
+    def exclude_self(self, exclude: bool = True) -> None:
+        self._write_cfg(exclude_self=exclude)
+
+    def set_cap(self, cap_bytes: int) -> None:
+        """Per-syscall copy cap (bytes beyond it are reported as missed)."""
+        self._cfg.cap = max(0, min(cap_bytes, self.config.max_cap))
+        self._write_cfg()
+
+    def _replace_filter(self, table: bytes, current: dict[int, int], new: dict[int, int],
+                        ktype: type[ct._SimpleCData]) -> None:  # type: ignore[type-arg]
+        bpf = self._require()
+        t = bpf[table]
+        for k in set(current) - set(new):
+            del t[ktype(k)]
+        for k, v in new.items():
+            t[ktype(k)] = ct.c_uint8(v)
+        current.clear()
+        current.update(new)
+
+    def set_pid_filter(self, include: set[int] | frozenset[int] = frozenset(),
+                       exclude: set[int] | frozenset[int] = frozenset()) -> None:
+        """Observe only ``include`` tgids (empty: all), never ``exclude`` ones."""
+        new = {p: FILTER_INCLUDE for p in include}
+        new.update({p: FILTER_EXCLUDE for p in exclude})
+        self._replace_filter(b"pid_filter", self._pid_filter, new, ct.c_uint32)
+        self._write_cfg()
+
+    def set_cgroup_filter(self, include: set[int] | frozenset[int] = frozenset(),
+                          exclude: set[int] | frozenset[int] = frozenset()) -> None:
+        """Cgroup v2 ids (inode numbers of the cgroup directories); a task matches through
+        its own cgroup or any ancestor."""
+        new = {c: FILTER_INCLUDE for c in include}
+        new.update({c: FILTER_EXCLUDE for c in exclude})
+        self._replace_filter(b"cgroup_filter", self._cg_filter, new, ct.c_uint64)
+        self._write_cfg()
+
+    def set_port_exclude(self, ports: set[int] | frozenset[int]) -> None:
+        """Connections whose peer port is in ``ports`` are neither tracked nor copied."""
+        new = {p: FILTER_EXCLUDE for p in ports}
+        cur = {p: FILTER_EXCLUDE for p in self._ports}
+        self._replace_filter(b"port_filter", cur, new, ct.c_uint16)
+        self._ports = set(ports)
+        self._write_cfg()
+
+    def _ctl_for(self, tgid: int, fd: int) -> CtlVal | None:
+        cookie = self._cookies.get((tgid, fd))
+        if cookie is None:
+            return None
+        ctl = self._ctl.get((tgid, fd))
+        if ctl is None or ctl.cookie != cookie:
+            ctl = CtlVal(cookie=cookie)
+            self._ctl[(tgid, fd)] = ctl
+        return ctl
+
+    def set_skip_until(self, tgid: int, fd: int, direction: Direction, offset: int) -> bool:
+        """Do not copy bytes of this direction below absolute ``offset``.
+
+        Offsets are those of :attr:`DataChunk.offset`. Returns False when the connection is
+        unknown (closed, or never seen).
+        """
+        ctl = self._ctl_for(tgid, fd)
+        if ctl is None:
+            return False
+        ctl.skip_until[0 if direction is Direction.SEND else 1] = max(0, offset)
+        self._require()[b"ctl"][ConnKey(tgid, fd)] = ctl
+        return True
+
+    def ignore(self, tgid: int, fd: int) -> None:
+        """Stop copying this fd (tracked or not) and stop unknown-fd notices for it."""
+        bpf = self._require()
+        ctl = self._ctl_for(tgid, fd)
+        if ctl is not None:
+            ctl.flags |= CTL_IGNORE
+            bpf[b"ctl"][ConnKey(tgid, fd)] = ctl
+        bpf[b"unknown_seen"][ConnKey(tgid, fd)] = ct.c_uint8(2)
+
+    def adopt(self, tgid: int, fd: int, role: str) -> bool:
+        """Track an inet socket the kernel did not see open (found through /proc).
+
+        Byte offsets of an adopted connection count from adoption. Its first syscalls are
+        copied only from one that starts like HTTP (a message boundary). Returns False when
+        the connection is already tracked.
+        """
+        from bcc.libbcc import lib
+
+        bpf = self._require()
+        cookie = self._next_cookie
+        self._next_cookie += 1
+        val = ConnVal(cookie=cookie, port=0, role=ROLE_CODES.get(role, 0), family=0)
+        val.d[0].sniff = SNIFF_RESYNC
+        val.d[1].sniff = SNIFF_RESYNC
+        key = ConnKey(tgid, fd)
+        rc = lib.bpf_update_elem(bpf[b"conns"].map_fd, ct.byref(key), ct.byref(val), BPF_NOEXIST)
+        if rc != 0:
+            return False
+        self._cookies[(tgid, fd)] = cookie
+        self._by_tgid[tgid].add(fd)
+        try:
+            del bpf[b"ctl"][key]
+        except KeyError:
+            pass
+        return True
+
+    # -- counters ----------------------------------------------------------------------
+
+    def stats(self) -> dict[str, int]:
+        """Kernel counters (summed over CPUs) plus the adapter's own."""
+        bpf = self._require()
+        t = bpf[b"counters"]
+        out = {name: int(t.sum(ct.c_int(i)).value) for i, name in enumerate(COUNTERS)}
+        out.update(self._user_stats)
+        out["connections"] = len(self._cookies)
+        return out
+
+    # -- events ------------------------------------------------------------------------
+
+    def _on_record(self, _ctx: Any, data: Any, size: int) -> int:
+        self._raw.append(ct.string_at(data, size))
+        return 0
+
+    def poll(self, timeout_ms: int = 100) -> list[CaptureEvent]:
+        """Wait up to ``timeout_ms`` for records; return the events completed so far."""
+        bpf = self._require()
+        bpf.ring_buffer_poll(timeout_ms)
+        raw, self._raw = self._raw, []
+        for rec in raw:
+            self._record(rec)
+        self._flush_stale()
+        out: list[CaptureEvent] = []
+        slots = self._slots
+        while slots:
+            head = slots[0]
+            if isinstance(head, _Pending):
+                if head.event is None:
+                    break
+                out.append(head.event)
+            else:
+                out.append(head)
+            slots.popleft()
+        out.extend(self._lost())
+        return out
+
+    def _lost(self) -> list[LostEvents]:
+        t = self._require()[b"counters"]
+        out = []
+        for name in self._lost_seen:
+            now = int(t.sum(ct.c_int(COUNTERS.index(name))).value)
+            if now > self._lost_seen[name]:
+                out.append(LostEvents(name, now - self._lost_seen[name]))
+                self._lost_seen[name] = now
+        return out
+
+    def _record(self, rec: bytes) -> None:
+        kind, d, flags, role, fd, tgid, tid, ts, comm = _HDR.unpack_from(rec)
+        if kind == EV_DATA:
+            self._data(rec, (kind, d, flags, role, fd, tgid, tid, ts, comm))
+        elif kind == EV_OPEN:
+            family, port, _pad, addr, cookie = _CONN.unpack_from(rec, _HDR.size)
+            self._cookies[(tgid, fd)] = cookie
+            self._ctl.pop((tgid, fd), None)
+            self._by_tgid[tgid].add(fd)
+            self._slots.append(
+                ConnOpened(tgid, tid, fd, ROLE_NAMES.get(role, ""), _peer(family, port, addr),
+                           ts, _comm(comm))
+            )
+        elif kind == EV_CLOSE:
+            self._forget(tgid, fd)
+            self._slots.append(ConnClosed(tgid, fd, ts))
+        elif kind == EV_EXIT:
+            for fd_ in list(self._by_tgid.get(tgid, ())):
+                self._forget(tgid, fd_, delete=True)
+            self._by_tgid.pop(tgid, None)
+            self._slots.append(ProcessExited(tgid, ts))
+        elif kind == EV_UNKNOWN_FD:
+            self._slots.append(
+                UnknownFd(tgid, tid, fd, Direction.SEND if d == 0 else Direction.RECV,
+                          HINT_ROLES.get(flags, ""), ts, _comm(comm))
+            )
+
+    def _forget(self, tgid: int, fd: int, *, delete: bool = False) -> None:
+        self._cookies.pop((tgid, fd), None)
+        self._ctl.pop((tgid, fd), None)
+        fds = self._by_tgid.get(tgid)
+        if fds is not None:
+            fds.discard(fd)
+        if delete and self._bpf is not None:
+            key = ConnKey(tgid, fd)
+            for table in (b"conns", b"ctl"):
+                try:
+                    del self._bpf[table][key]
+                except KeyError:
+                    pass
+
+    def _data(self, rec: bytes, hdr: tuple[Any, ...]) -> None:
+        total, offset, skipped, chunk_off, chunk_len = _DATA.unpack_from(rec, _HDR.size)
+        flags, tid, ts = hdr[2], hdr[6], hdr[7]
+        body = rec[_HDR.size + _DATA.size : _HDR.size + _DATA.size + chunk_len]
+        cur = self._pending.get(tid)
+        if cur is not None and cur[0] != ts:
+            # a new syscall of this thread: the previous one lost its last record
+            self._complete(tid, cur[1], incomplete=True)
+            cur = None
+        if cur is None:
+            p = _Pending(hdr, total, offset, skipped, arrived=time.monotonic())
+            self._slots.append(p)
+            self._pending[tid] = (ts, p)
+            if not flags & DF_FIRST or chunk_off != 0:
+                self._user_stats["orphan_chunks"] += 1
+                p.broken = True  # its first records were dropped: report it as a gap
+        else:
+            p = cur[1]
+        if not p.broken:
+            if chunk_off == p.have:
+                p.parts.append(body)
+                p.have += len(body)
+            else:
+                p.broken = True
+        if flags & DF_LAST:
+            self._complete(tid, p, incomplete=False)
+
+    def _complete(self, tid: int, p: _Pending, *, incomplete: bool) -> None:
+        self._pending.pop(tid, None)
+        if incomplete:
+            self._user_stats["incomplete_syscalls"] += 1
+        _k, d, _f, _r, fd, tgid, tid_, ts, comm = p.hdr
+        p.event = DataChunk(
+            tgid=tgid,
+            tid=tid_,
+            fd=fd,
+            direction=Direction.SEND if d == 0 else Direction.RECV,
+            ts_ns=ts,
+            total_len=p.total_len,
+            data=b"".join(p.parts),
+            skipped=p.skipped,
+            comm=_comm(comm),
+            offset=p.offset,
+        )
+
+    def _flush_stale(self) -> None:
+        if not self._pending:
+            return
+        limit = time.monotonic() - self.config.stale_after_s
+        for tid, (_ts, p) in list(self._pending.items()):
+            if p.arrived < limit:
+                self._complete(tid, p, incomplete=True)
