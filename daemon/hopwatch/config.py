@@ -150,6 +150,9 @@ class Config:
     capture: CaptureSettings = field(default_factory=CaptureSettings)
     metrics_addr: str = DEFAULT_METRICS_ADDR
     audit_log: str | None = None
+    audit_key_file: str | None = None  # default: hopwatch-audit.key beside the log
+    audit_max_bytes: int = 64 << 20
+    audit_backups: int = 5
     max_process_labels: int = 200
     max_peer_labels: int = 500
     max_connections: int = 200_000
@@ -183,7 +186,12 @@ _SCHEMA: dict[str, dict[str, tuple[type, str]]] = {
         "max_process_labels": (_INT, "max_process_labels"),
         "max_peer_labels": (_INT, "max_peer_labels"),
     },
-    "audit": {"path": (str, "audit_log")},
+    "audit": {
+        "path": (str, "audit_log"),
+        "key_file": (str, "audit_key_file"),
+        "max_bytes": (_INT, "audit_max_bytes"),
+        "backups": (_INT, "audit_backups"),
+    },
     "connections": {"max": (_INT, "max_connections")},
 }
 

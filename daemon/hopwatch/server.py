@@ -18,8 +18,10 @@ from typing import Any
 
 from prometheus_client import start_http_server
 
+from hopwatch.audit import AuditError, AuditLog
 from hopwatch.config import Config, ConfigError, load_config, split_host_port
 from hopwatch.conntrack import ConnectionTable
+from hopwatch.hops import HopAnalyzer
 from hopwatch.metrics import KernelStatsCollector, Metrics
 from hopwatch.pipeline import Observer, Pipeline
 from hopwatch.sdnotify import Notifier
@@ -76,6 +78,8 @@ class Daemon:
         )
         self.capture: Any = None
         self.pipeline: Pipeline | None = None
+        self.hops: HopAnalyzer | None = None
+        self.audit: AuditLog | None = None
         self._observers = observers
         self._on_ready = on_ready
         self._stop = threading.Event()
@@ -110,12 +114,27 @@ class Daemon:
             self.capture = LiveCapture(self.config.capture, exclude_tgid=os.getpid())
         except CaptureError as exc:
             raise StartupError(str(exc)) from exc
+        cfg = self.config
+        if cfg.audit_log:
+            try:
+                self.audit = AuditLog.open(
+                    cfg.audit_log,
+                    key_path=cfg.audit_key_file,
+                    metrics=self.metrics,
+                    max_bytes=cfg.audit_max_bytes,
+                    backups=max(cfg.audit_backups, 1),
+                )
+            except AuditError as exc:
+                self.capture.close()
+                raise StartupError(f"audit log: {exc}") from exc
+        self.hops = HopAnalyzer(cfg, self.metrics, self.audit)
         self.pipeline = Pipeline(
-            self.config,
+            cfg,
             self.metrics,
             self.conns,
             control=self.capture,
-            observers=self._observers,
+            observers=(*self._observers, self.hops),
+            audit=self.audit,
         )
         # Sockets that existed before we started (keep-alive connections).
         adopted = 0
@@ -167,13 +186,21 @@ class Daemon:
             if self._reload:
                 self._reload = False
                 self.reload()
-            self.pipeline.handle_many(self.capture.poll(timeout))
+            self.process(self.capture.poll(timeout))
             self.metrics.overflow_check()
             self.notifier.watchdog()
             now = time.monotonic()
             if now - last_evict > 30:
                 last_evict = now
                 self.conns.evict_idle(time.monotonic_ns(), 3600 * 10**9)
+
+    def process(self, events: list[Any]) -> None:
+        """Every capture event through the pipeline, then the hop analyzer."""
+        assert self.pipeline is not None and self.hops is not None
+        handle, hop_event = self.pipeline.handle, self.hops.handle_event
+        for ev in events:
+            handle(ev)
+            hop_event(ev)
 
     def reload(self) -> None:
         if self.config_path is None:
@@ -191,6 +218,8 @@ class Daemon:
         self.config = new
         if self.pipeline is not None:
             self.pipeline.config = new
+        if self.hops is not None:
+            self.hops.update_config(new)
         log.info("SIGHUP: configuration reloaded from %s", self.config_path)
         self.notifier.ready("configuration reloaded")
 
@@ -201,6 +230,8 @@ class Daemon:
                 self.capture.close()  # detach first: no new events
             finally:
                 self.metrics.up.set(0)
+        if self.audit is not None:
+            self.audit.close()
         if self._http is not None:
             self._http.shutdown()
             self._http.server_close()
