@@ -48,6 +48,8 @@
 #define MAX_MMSG_SUM 256    // mmsghdr entries summed for the byte count
 #define MAX_CG_LEVELS 16
 #define SNIFF_LEN 16
+#define UNKNOWN_TRIES 4
+#define UNKNOWN_DONE 255
 
 #define EINPROGRESS_ 115
 #define BARRIER_VAR(v) asm volatile("" : "+r"(v))
@@ -537,8 +539,11 @@ TRACEPOINT_PROBE(sched, sched_process_exit) {
 // Untracked fd written with HTTP-looking bytes: one notice per (tgid, fd).
 static __always_inline void unknown_check(struct cfg *c, struct conn_key *k, u64 id, u64 ptr,
                                           u64 cnt, u8 kind) {
+    // Value: failed sniff attempts, or UNKNOWN_DONE once notified (or ignored by userspace).
+    // After UNKNOWN_TRIES non-HTTP writes an fd (a log file, /dev/null) costs one lookup.
     u8 *seen = unknown_seen.lookup(k);
-    if (seen)
+    u8 tries = seen ? *seen : 0;
+    if (tries >= UNKNOWN_TRIES)
         return;
     u64 buf = ptr, len = cnt;
     if (kind == K_MSG) {
@@ -558,8 +563,6 @@ static __always_inline void unknown_check(struct cfg *c, struct conn_key *k, u64
     } else if (kind != K_BUF) {
         return;
     }
-    if (len < 4)
-        return;
     u8 b[SNIFF_LEN] = {};
     u64 n = len > SNIFF_LEN ? SNIFF_LEN : len;
     n &= (SNIFF_LEN * 2 - 1);
@@ -568,14 +571,17 @@ static __always_inline void unknown_check(struct cfg *c, struct conn_key *k, u64
     if (bpf_probe_read_user(b, n, (void *)buf))
         return;
     u8 hint = 0;
-    if (classify(b, (u32)n, 1, &hint) != SNIFF_HTTP)
+    if (classify(b, (u32)n, 1, &hint) != SNIFF_HTTP) {
+        tries += 1;
+        unknown_seen.update(k, &tries);
         return;
+    }
     if (task_filtered(c, k->tgid)) {
         count(C_FILTERED, 1);
         return;
     }
-    u8 one = 1;
-    unknown_seen.update(k, &one);
+    u8 done = UNKNOWN_DONE;
+    unknown_seen.update(k, &done);
     count(C_UNKNOWN_FD, 1);
     emit_simple(EV_UNKNOWN_FD, id, k->fd, hint, DIR_SEND);
 }

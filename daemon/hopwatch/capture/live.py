@@ -70,6 +70,7 @@ CF_PID_INCLUDE, CF_PID_ANY, CF_CG_INCLUDE, CF_CG_ANY, CF_PORT_ANY = 1, 2, 4, 8, 
 FILTER_INCLUDE, FILTER_EXCLUDE = 1, 2
 CTL_IGNORE = 1
 BPF_NOEXIST = 1
+UNKNOWN_DONE = 255
 
 COUNTERS = (
     "events",
@@ -470,7 +471,7 @@ class LiveCapture:
         if ctl is not None:
             ctl.flags |= CTL_IGNORE
             bpf[b"ctl"][ConnKey(tgid, fd)] = ctl
-        bpf[b"unknown_seen"][ConnKey(tgid, fd)] = ct.c_uint8(2)
+        bpf[b"unknown_seen"][ConnKey(tgid, fd)] = ct.c_uint8(UNKNOWN_DONE)
 
     def adopt(self, tgid: int, fd: int, role: str) -> bool:
         """Track an inet socket the kernel did not see open (found through /proc).
