@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -100,6 +100,7 @@ class Metrics:
         max_process_labels: int = 200,
         max_peer_labels: int = 500,
     ) -> None:
+        disable_created_metrics()  # *_created series double the output and say nothing here
         self.registry = registry if registry is not None else CollectorRegistry()
         self.process_label = LabelCap(max_process_labels)
         self.peer_label = LabelCap(max_peer_labels)

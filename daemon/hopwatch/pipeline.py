@@ -22,6 +22,7 @@ from hopwatch.capture._types import (
     LostEvents,
     ProcessExited,
     SockAddr,
+    UnknownFd,
 )
 from hopwatch.config import Config
 from hopwatch.conntrack import Connection, ConnectionTable
@@ -41,11 +42,18 @@ __all__ = ["AuditHook", "CaptureControl", "Observation", "Pipeline"]
 
 log = logging.getLogger(__name__)
 
+#: Bodies shorter than this are copied anyway: a map update costs more than the copy.
+SKIP_MIN_BYTES = 1024
+
 
 class CaptureControl(Protocol):
     """What the pipeline may ask of a live capture (pcap replay passes None)."""
 
     def ignore(self, tgid: int, fd: int) -> None: ...
+
+    def adopt(self, tgid: int, fd: int, role: str) -> bool: ...
+
+    def set_skip_until(self, tgid: int, fd: int, direction: Direction, offset: int) -> bool: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +124,21 @@ class Pipeline:
                 self._eof(conn)
         elif isinstance(ev, LostEvents):
             self.lost[ev.reason] = self.lost.get(ev.reason, 0) + ev.count
+        elif isinstance(ev, UnknownFd):
+            self._unknown_fd(ev)
+
+    def _unknown_fd(self, ev: UnknownFd) -> None:
+        """An untracked fd wrote HTTP-looking bytes: adopt it if /proc says inet socket."""
+        if self.control is None:
+            return
+        conn = self.conns.get_or_adopt(ev.tgid, ev.fd, ev.ts_ns)
+        if conn is None:
+            self.metrics.unknown_fd.inc()
+            self.control.ignore(ev.tgid, ev.fd)
+            return
+        if ev.role_hint in ("client", "server"):
+            conn.role = ev.role_hint  # what it wrote beats the listening-port guess
+        self.control.adopt(ev.tgid, ev.fd, conn.role)
 
     def handle_many(self, events: Iterable[CaptureEvent]) -> None:
         for ev in events:
@@ -158,10 +181,19 @@ class Pipeline:
             m.gap_bytes.inc(missed)
             events += parser.receive_gap(origin, missed)
         self._emit(conn, events, chunk, chunk.direction)
-        if parser.done and self.control is not None:
+        control = self.control
+        if control is None:
+            return
+        if parser.done:
             if parser.not_http:
                 m.not_http.inc()
-            self.control.ignore(chunk.tgid, chunk.fd)
+            control.ignore(chunk.tgid, chunk.fd)
+            return
+        hint = parser.skip_hint(origin)
+        if hint >= SKIP_MIN_BYTES:
+            # Body bytes the parser does not need: the kernel stops copying them.
+            end = chunk.offset + chunk.total_len
+            control.set_skip_until(chunk.tgid, chunk.fd, chunk.direction, end + hint)
 
     # -- parser events -> observations ------------------------------------------------
     def _emit(

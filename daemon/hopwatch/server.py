@@ -8,7 +8,6 @@ server, exit 0. SIGHUP: reload the configuration file; a bad file keeps the runn
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import threading
 import time
@@ -44,14 +43,40 @@ _STATS_DOCS: dict[str, tuple[str, str, str | None]] = {
         "Bytes beyond the per-syscall copy cap, never copied (the parsers see a gap).",
         None,
     ),
+    "capture_truncated_syscalls_total": (
+        "counter",
+        "Syscalls that moved more bytes than the per-syscall copy cap.",
+        None,
+    ),
+    "capture_skipped_bytes_total": (
+        "counter",
+        "Body bytes the kernel did not copy because the parsers did not need them.",
+        None,
+    ),
     "capture_filtered_total": (
         "counter",
-        "Syscalls dropped by the pid/cgroup/port filters, by reason.",
+        "Syscalls not copied: pid/cgroup/port filters, not HTTP, or ignored connections.",
         "reason",
     ),
+    "capture_unknown_fd_total": (
+        "counter",
+        "Untracked descriptors that wrote HTTP-looking bytes (checked in /proc).",
+        None,
+    ),
+    "capture_kernel_connections": ("gauge", "Connections tracked in the kernel map.", None),
     "connections_tracked": ("gauge", "Connections in the connection table.", None),
     "connections_total": ("counter", "Connection-table operations, by event.", "event"),
 }
+
+
+_LOST_REASONS = (
+    "ring_full",
+    "conn_table_full",
+    "stash_full",
+    "incomplete_syscalls",
+    "orphan_chunks",
+)
+_FILTER_REASONS = ("filtered", "sniff_rejected", "ignored")
 
 
 class StartupError(RuntimeError):
@@ -107,13 +132,33 @@ class Daemon:
 
     # -- life cycle ---------------------------------------------------------------------
     def start(self) -> None:
-        from hopwatch.capture.live import CaptureError, LiveCapture
+        from hopwatch.capture.live import CaptureConfig, LiveCapture
+        from hopwatch.kernel import KernelError
 
         host, port = split_host_port(self.config.metrics_addr)
+        settings = self.config.capture
+        capture = LiveCapture(
+            CaptureConfig(
+                ring_bytes=settings.ring_buffer_bytes,
+                max_cap=max(65536, settings.max_copy_bytes),
+                cap_bytes=settings.max_copy_bytes,
+                conn_max=max(1024, min(self.config.max_connections, 1 << 20)),
+            )
+        )
         try:
-            self.capture = LiveCapture(self.config.capture, exclude_tgid=os.getpid())
-        except CaptureError as exc:
+            capture.open()
+            if settings.include_pids or settings.exclude_pids:
+                capture.set_pid_filter(set(settings.include_pids), set(settings.exclude_pids))
+            if settings.include_cgroups or settings.exclude_cgroups:
+                capture.set_cgroup_filter(
+                    set(settings.include_cgroups), set(settings.exclude_cgroups)
+                )
+            if settings.exclude_ports:
+                capture.set_port_exclude(set(settings.exclude_ports))
+        except KernelError as exc:
+            capture.close()
             raise StartupError(str(exc)) from exc
+        self.capture = capture
         cfg = self.config
         if cfg.audit_log:
             try:
@@ -159,13 +204,17 @@ class Daemon:
 
     def _stats(self) -> Mapping[str, float | Mapping[str, float]]:
         out: dict[str, float | Mapping[str, float]] = {}
-        if self.capture is not None:
-            out.update(self.capture.stats())
-        lost = dict(out.get("events_lost_total", {}) or {})  # type: ignore[call-overload]
-        if self.pipeline is not None:
-            for reason, count in self.pipeline.lost.items():
-                lost[reason] = lost.get(reason, 0) + count
-        out["events_lost_total"] = lost
+        if self.capture is not None and self.capture.is_open:
+            k = self.capture.stats()
+            out["events_lost_total"] = {r: k.get(r, 0) for r in _LOST_REASONS}
+            out["capture_kernel_events_total"] = k["events"]
+            out["capture_kernel_bytes_total"] = k["bytes"]
+            out["capture_truncated_bytes_total"] = k["truncated_bytes"]
+            out["capture_truncated_syscalls_total"] = k["truncated_syscalls"]
+            out["capture_skipped_bytes_total"] = k["skipped_bytes"]
+            out["capture_filtered_total"] = {r: k.get(r, 0) for r in _FILTER_REASONS}
+            out["capture_unknown_fd_total"] = k["unknown_fd"]
+            out["capture_kernel_connections"] = k["connections"]
         out["connections_tracked"] = len(self.conns)
         out["connections_total"] = dict(self.conns.counters())
         return out
@@ -227,8 +276,12 @@ class Daemon:
         self.notifier.stopping()
         if self.capture is not None:
             try:
-                self.capture.close()  # detach first: no new events
+                if self.capture.is_open and self.pipeline is not None:
+                    self.process(self.capture.poll(0))  # drain what the ring still holds
+            except Exception:
+                log.exception("draining the ring buffer failed")
             finally:
+                self.capture.close()
                 self.metrics.up.set(0)
         if self.audit is not None:
             self.audit.close()
