@@ -159,6 +159,41 @@ def named(tmp: Path, name: str, target: str) -> str:
     return str(link)
 
 
+NGINX_CONF = """
+worker_processes 1;
+daemon off;
+pid {tmp}/nginx.pid;
+error_log {tmp}/nginx-error.log warn;
+events {{ worker_connections 256; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    server {{
+        listen {listen};
+        {extra}
+        location / {{ return 200 "ok\\n"; }}
+    }}
+}}
+"""
+
+
+def nginx_args(tmp: Path, name: str, listen: str, extra: str = "") -> list[str]:
+    """`name` (a symlink to nginx) in the foreground with a config in `tmp`."""
+    conf = tmp / f"{name}.conf"
+    conf.write_text(NGINX_CONF.format(tmp=tmp, listen=listen, extra=extra))
+    return [
+        named(tmp, name, "/usr/sbin/nginx"),
+        "-e",
+        str(tmp / "nginx-error.log"),
+        "-c",
+        str(conf),
+    ]
+
+
 def python_env() -> dict[str, str]:
     """Environment for a named system-Python peer that needs the venv's packages."""
     env = dict(os.environ)

@@ -22,6 +22,7 @@ from tests.helpers import (
     Delta,
     free_port,
     named,
+    nginx_args,
     python_env,
     run,
     server,
@@ -128,41 +129,39 @@ def test_python_http1_loopback(daemon: Daemon, tmp_path: Path) -> None:
     assert findings(delta, "t_h1cli") == {} and findings(delta, "t_h1srv") == {}
 
 
-def test_curl_http1_and_h2_prior_knowledge_to_hypercorn(daemon: Daemon, tmp_path: Path) -> None:
-    port = free_port()
+def test_curl_http1_to_hypercorn_and_h2_prior_knowledge_to_nginx(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    port, nport = free_port(), free_port()
     hyper = named(tmp_path, "t_hyper", SYSTEM_PYTHON)
     curl1, curl2 = named(tmp_path, "t_curl1", "curl"), named(tmp_path, "t_curl2", "curl")
-    url = f"http://127.0.0.1:{port}/x"
-    with server(
-        [hyper, "-m", "hypercorn", "asgi_app:app", "-b", f"127.0.0.1:{port}"],
-        port,
-        env=python_env(),
-        cwd=PEERS,
+    url, nurl = f"http://127.0.0.1:{port}/x", f"http://127.0.0.1:{nport}/x"
+    with (
+        server(
+            [hyper, "-m", "hypercorn", "asgi_app:app", "-b", f"127.0.0.1:{port}"],
+            port,
+            env=python_env(),
+            cwd=PEERS,
+        ),
+        server(nginx_args(tmp_path, "t_nginx2", f"127.0.0.1:{nport} http2"), nport),
     ):
 
         def drive() -> None:
             run([curl1, "-sf", "-o", "/dev/null", "-H", f"traceparent: {TP}", *[url] * 3])
-            run(
-                [
-                    curl2,
-                    "-sf",
-                    "--http2-prior-knowledge",
-                    "-o",
-                    "/dev/null",
-                    "-H",
-                    f"traceparent: {TP}",
-                    *[url] * 4,
-                ]
-            )
-            run([curl2, "-sf", "--http2-prior-knowledge", "-o", "/dev/null", *[url] * 2])
+            # One URL per curl: curl 7.88 fails (exit 16) reusing an h2c connection.
+            h2 = [curl2, "-sf", "--http2-prior-knowledge", "-o", "/dev/null"]
+            for _ in range(4):
+                run([*h2, "-H", f"traceparent: {TP}", nurl])
+            for _ in range(2):
+                run([*h2, nurl])
 
         delta = traffic(daemon, drive)
     assert counts(delta, "t_curl1") == exchange("c", "s", "http1", 3, 0)["c"]
+    assert counts(delta, "t_hyper") == exchange("c", "s", "http1", 3, 0)["s"]
     assert counts(delta, "t_curl2") == exchange("c", "s", "http2", 4, 2)["c"]
-    server_counts = counts(delta, "t_hyper")
-    expected = exchange("c", "s", "http1", 3, 0)["s"] | exchange("c", "s", "http2", 4, 2)["s"]
-    assert server_counts == expected
-    assert findings(delta, "t_curl1") == {} and findings(delta, "t_hyper") == {}
+    assert counts(delta, "t_nginx2") == exchange("c", "s", "http2", 4, 2)["s"]
+    for process in ("t_curl1", "t_hyper", "t_curl2", "t_nginx2"):
+        assert findings(delta, process) == {}, process
 
 
 def test_httpx_h2c_to_hypercorn(daemon: Daemon, tmp_path: Path) -> None:
@@ -422,7 +421,14 @@ def test_64k_baggage_header(daemon: Daemon, tmp_path: Path) -> None:
 
         delta = traffic(daemon, drive)
     assert counts(delta, "t_bigcurl")[("outbound", "request", "http1", "w3c")] == 1
-    assert findings(delta, "t_bigcurl") == {("oversized", "baggage"): 1, ("oversized", "*"): 1}
+    # hypercorn refuses the head (431): the header cost the request.
+    assert findings(delta, "t_bigcurl") == {
+        ("oversized", "baggage"): 1,
+        ("oversized", "*"): 1,
+        ("oversized_rejected", "baggage"): 1,
+        ("oversized_rejected", "*"): 1,
+    }
+    assert findings(delta, "t_bighyp") == findings(delta, "t_bigcurl")
 
 
 # -- awkward writers ----------------------------------------------------------------------
@@ -507,9 +513,14 @@ def test_client_killed_mid_request(daemon: Daemon, tmp_path: Path) -> None:
             )
 
         delta = traffic(daemon, drive)
+    # The half request is never counted; http.server still answers it (it reads EOF as
+    # the end of the head) into the dead socket: one more response than requests.
     assert counts(delta, "t_victim") == {}
     assert counts(delta, "t_after") == exchange("c", "s", "http1", 2, 0)["c"]
-    assert counts(delta, "t_killsrv") == exchange("c", "s", "http1", 2, 0)["s"]
+    assert counts(delta, "t_killsrv") == {
+        ("inbound", "request", "http1", "w3c"): 2,
+        ("outbound", "response", "http1", "none"): 3,
+    }
     assert daemon.proc.poll() is None
 
 
@@ -578,7 +589,13 @@ def test_keepalive_connection_opened_before_daemon(tmp_path: Path) -> None:
     assert rc == 0
     assert stop_s < 2.0, f"SIGTERM took {stop_s:.2f}s"
     assert counts(delta, "t_kacli") == exchange("c", "s", "http1", 5, 0)["c"]
-    assert counts(delta, "t_kasrv") == exchange("c", "s", "http1", 5, 0)["s"]
+    # The server thread was already blocked in recv() when the probes attached: that
+    # syscall's entry was never seen, so the first request it returns cannot be copied.
+    # Every later one is; all five responses are.
+    assert counts(delta, "t_kasrv") == {
+        ("inbound", "request", "http1", "w3c"): 4,
+        ("outbound", "response", "http1", "none"): 5,
+    }
 
 
 def test_self_metrics_present(daemon: Daemon) -> None:

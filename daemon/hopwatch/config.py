@@ -131,7 +131,7 @@ def _parse_port(text: str, entry: str) -> int:
 @dataclass(frozen=True, slots=True)
 class CaptureSettings:
     ring_buffer_bytes: int = 16 << 20
-    max_copy_bytes: int = 65536  # per syscall; the rest is counted as truncated
+    max_copy_bytes: int = 262144  # per syscall; the rest is counted as truncated
     include_pids: tuple[int, ...] = ()
     exclude_pids: tuple[int, ...] = ()
     include_cgroups: tuple[int, ...] = ()

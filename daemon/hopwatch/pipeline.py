@@ -83,6 +83,16 @@ class AuditHook(Protocol):
     def message_findings(self, obs: Observation) -> None: ...
 
 
+class _ConnState:
+    """What the pipeline keeps per connection: its parser and where each direction is."""
+
+    __slots__ = ("next_offset", "parser")
+
+    def __init__(self) -> None:
+        self.parser = ConnectionParser()
+        self.next_offset = [-1, -1]  # [send, recv]; -1 = nothing seen yet
+
+
 def _origin(role: str, direction: Direction) -> Origin:
     # A client sends requests and receives responses; a server the reverse.
     if role == "client":
@@ -149,10 +159,10 @@ class Pipeline:
         self._eof(conn)
 
     def _eof(self, conn: Connection) -> None:
-        parser = conn.state
-        if isinstance(parser, ConnectionParser):
+        state = conn.state
+        if isinstance(state, _ConnState):
             for origin in (Origin.CLIENT, Origin.SERVER):
-                self._emit(conn, parser.receive_eof(origin), None, Direction.RECV)
+                self._emit(conn, state.parser.receive_eof(origin), None, Direction.RECV)
 
     def _data(self, chunk: DataChunk) -> None:
         m = self.metrics
@@ -163,15 +173,25 @@ class Pipeline:
         if conn is None:
             m.unknown_fd.inc()
             return
-        parser = conn.state
-        if parser is None:
-            parser = conn.state = ConnectionParser()
-        elif not isinstance(parser, ConnectionParser):
+        state = conn.state
+        if state is None:
+            state = conn.state = _ConnState()
+        elif not isinstance(state, _ConnState):
             return
+        parser = state.parser
         if parser.done:
             return
         origin = _origin(conn.role, chunk.direction)
         events: list[Event] = []
+        # Offsets are the kernel's byte count of this direction: a jump means bytes that
+        # moved but never reached us (a syscall in flight at attach, a lost record).
+        slot = 0 if chunk.direction is Direction.SEND else 1
+        expected = state.next_offset[slot]
+        state.next_offset[slot] = chunk.offset + chunk.total_len
+        if expected >= 0 and chunk.offset > expected:
+            lost = chunk.offset - expected
+            m.gap_bytes.inc(lost)
+            events += parser.receive_gap(origin, lost)
         if chunk.skipped:
             events += parser.receive_skipped(origin, chunk.skipped)
         if chunk.data:
@@ -205,8 +225,8 @@ class Pipeline:
     ) -> None:
         if not events:
             return
-        parser = conn.state
-        protocol = parser.protocol if isinstance(parser, ConnectionParser) else None
+        state = conn.state
+        protocol = state.parser.protocol if isinstance(state, _ConnState) else None
         for ev in events:
             if isinstance(ev, MessageParsed):
                 self._message(conn, ev, chunk, direction)

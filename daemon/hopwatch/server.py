@@ -140,7 +140,7 @@ class Daemon:
         capture = LiveCapture(
             CaptureConfig(
                 ring_bytes=settings.ring_buffer_bytes,
-                max_cap=max(65536, settings.max_copy_bytes),
+                max_cap=max(262144, settings.max_copy_bytes),
                 cap_bytes=settings.max_copy_bytes,
                 conn_max=max(1024, min(self.config.max_connections, 1 << 20)),
             )
