@@ -78,8 +78,14 @@ def test_leak_line_fields_and_keyed_hash(tmp_path: Path) -> None:
     metrics = Metrics()
     log = AuditLog(path, key=KEY, metrics=metrics, clock=Clock())
     hops = HopAnalyzer(allow("10.0.0.0/8"), metrics, log)
-    hops(_obs("outbound", request((("traceparent", TP_A), ("baggage", BAGGAGE)),
-                                  authority="Tracker.Example"), peer=THIRD_PARTY, tgid=4242))
+    hops(
+        _obs(
+            "outbound",
+            request((("traceparent", TP_A), ("baggage", BAGGAGE)), authority="Tracker.Example"),
+            peer=THIRD_PARTY,
+            tgid=4242,
+        )
+    )
     log.close()
     first, second = lines_of(path)
     assert first == {
@@ -88,8 +94,12 @@ def test_leak_line_fields_and_keyed_hash(tmp_path: Path) -> None:
         "header": "traceparent",
         "reason": "leak.destination_not_allowed",
         "reasons": ["leak.destination_not_allowed"],
-        "process": {"pid": 4242, "comm": "orders", "unit": "orders.service",
-                    "label": "orders.service"},
+        "process": {
+            "pid": 4242,
+            "comm": "orders",
+            "unit": "orders.service",
+            "label": "orders.service",
+        },
         "local": "10.0.0.7:45000",
         "peer": "203.0.113.7:443",
         "host": "tracker.example",
@@ -158,10 +168,23 @@ def test_privacy_no_raw_ids_or_values_anywhere(tmp_path: Path) -> None:
     hops = HopAnalyzer(allow("10.0.0.0/8"), metrics, log)
     # every hop finding at least once
     hops(_obs("inbound", request((("traceparent", TP_A), ("baggage", SECRET_BAGGAGE)))))
-    hops(_obs("outbound", request((("traceparent", TP_B), ("baggage", SECRET_BAGGAGE)),
-                                  authority="tracker.example"), peer=THIRD_PARTY, fd=9))
-    hops(_obs("outbound", response(200, (("traceparent", TP_A), ("baggage", SECRET_BAGGAGE))),
-              peer=SockAddr(socket.AF_INET, "198.51.100.20", 5000)))
+    hops(
+        _obs(
+            "outbound",
+            request(
+                (("traceparent", TP_B), ("baggage", SECRET_BAGGAGE)), authority="tracker.example"
+            ),
+            peer=THIRD_PARTY,
+            fd=9,
+        )
+    )
+    hops(
+        _obs(
+            "outbound",
+            response(200, (("traceparent", TP_A), ("baggage", SECRET_BAGGAGE))),
+            peer=SockAddr(socket.AF_INET, "198.51.100.20", 5000),
+        )
+    )
     for f in ((("traceparent", TP_A),), ()):
         hops(_obs("inbound", request((("traceparent", TP_A),))))
         hops(_obs("outbound", request(f), fd=9))
@@ -239,10 +262,13 @@ def test_rotation_keeps_n_backups(tmp_path: Path) -> None:
         log.write(_record(i))
     log.close()
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "audit.jsonl", "audit.jsonl.1", "audit.jsonl.2"
+        "audit.jsonl",
+        "audit.jsonl.1",
+        "audit.jsonl.2",
     ]
-    seqs = [x["seq"] for x in lines_of(tmp_path / "audit.jsonl.2", tmp_path / "audit.jsonl.1",
-                                       path)]
+    seqs = [
+        x["seq"] for x in lines_of(tmp_path / "audit.jsonl.2", tmp_path / "audit.jsonl.1", path)
+    ]
     assert seqs == list(range(100 - len(seqs), 100))  # the newest lines, contiguous
 
 
@@ -271,13 +297,27 @@ def test_unwritable_path_is_counted_never_raised(tmp_path: Path) -> None:
     metrics = Metrics()
     log = AuditLog(blocker / "audit.jsonl", key=KEY, metrics=metrics)
     hops = HopAnalyzer(allow("10.0.0.0/8"), metrics, log)
-    hops(_obs("outbound", request((("traceparent", TP_A), ("baggage", BAGGAGE)),
-                                  authority="tracker.example"), peer=THIRD_PARTY))
+    hops(
+        _obs(
+            "outbound",
+            request((("traceparent", TP_A), ("baggage", BAGGAGE)), authority="tracker.example"),
+            peer=THIRD_PARTY,
+        )
+    )
     assert value(metrics, "hopwatch_audit_write_errors_total") == 2.0
     assert value(metrics, "hopwatch_audit_lines_total") == 0.0
     # the findings themselves are still counted
-    assert value(metrics, "hopwatch_findings_total", finding="leak", header="traceparent",
-                 process="orders.service", peer="tracker.example") == 1.0
+    assert (
+        value(
+            metrics,
+            "hopwatch_findings_total",
+            finding="leak",
+            header="traceparent",
+            process="orders.service",
+            peer="tracker.example",
+        )
+        == 1.0
+    )
 
 
 def test_disk_full_is_counted_then_recovers(tmp_path: Path) -> None:
@@ -309,14 +349,38 @@ def _leaky_log(tmp_path: Path) -> Path:
     log = AuditLog(path, key=KEY, clock=Clock(), max_bytes=2000, backups=5)
     hops = HopAnalyzer(allow("10.0.0.0/8"), Metrics(), log)
     for i in range(3):
-        hops(_obs("outbound", request((("traceparent", TP_A), ("baggage", BAGGAGE)),
-                                      authority="tracker.example"),
-                  peer=THIRD_PARTY, ts_ns=1000 + i, tgid=10, process="checkout.service"))
-    hops(_obs("outbound", request((("b3", f"{TRACE_B}-e457b5a2e4d86bd1-1"),),
-                                  path="http://ads.example/p", authority="ads.example"),
-              peer=SockAddr(socket.AF_INET, "10.0.0.3", 3128), tgid=11, process="cart"))
-    hops(_obs("outbound", response(200, (("traceparent", TP_A),)),
-              peer=SockAddr(socket.AF_INET, "198.51.100.20", 5000), tgid=12, process="web"))
+        hops(
+            _obs(
+                "outbound",
+                request((("traceparent", TP_A), ("baggage", BAGGAGE)), authority="tracker.example"),
+                peer=THIRD_PARTY,
+                ts_ns=1000 + i,
+                tgid=10,
+                process="checkout.service",
+            )
+        )
+    hops(
+        _obs(
+            "outbound",
+            request(
+                (("b3", f"{TRACE_B}-e457b5a2e4d86bd1-1"),),
+                path="http://ads.example/p",
+                authority="ads.example",
+            ),
+            peer=SockAddr(socket.AF_INET, "10.0.0.3", 3128),
+            tgid=11,
+            process="cart",
+        )
+    )
+    hops(
+        _obs(
+            "outbound",
+            response(200, (("traceparent", TP_A),)),
+            peer=SockAddr(socket.AF_INET, "198.51.100.20", 5000),
+            tgid=12,
+            process="web",
+        )
+    )
     hops(_obs("inbound", request((("traceparent", TP_A),)), tgid=13))
     hops(_obs("outbound", request(()), tgid=13, fd=9))
     log.close()
@@ -330,26 +394,43 @@ def test_summarize_groups_by_destination_and_process(tmp_path: Path) -> None:
     rows = [r.as_dict() for r in report.rows]
     assert rows == [
         {
-            "destination": "198.51.100.20", "process": "web", "finding": "response_leak",
-            "messages": 1, "headers": {"traceparent": 1}, "pids": [12],
-            "first_seen": "2026-03-01T12:00:08.000Z", "last_seen": "2026-03-01T12:00:08.000Z",
+            "destination": "198.51.100.20",
+            "process": "web",
+            "finding": "response_leak",
+            "messages": 1,
+            "headers": {"traceparent": 1},
+            "pids": [12],
+            "first_seen": "2026-03-01T12:00:08.000Z",
+            "last_seen": "2026-03-01T12:00:08.000Z",
         },
         {
-            "destination": "ads.example:80", "process": "cart", "finding": "leak",
-            "messages": 1, "headers": {"b3": 1}, "pids": [11],
-            "first_seen": "2026-03-01T12:00:07.000Z", "last_seen": "2026-03-01T12:00:07.000Z",
+            "destination": "ads.example:80",
+            "process": "cart",
+            "finding": "leak",
+            "messages": 1,
+            "headers": {"b3": 1},
+            "pids": [11],
+            "first_seen": "2026-03-01T12:00:07.000Z",
+            "last_seen": "2026-03-01T12:00:07.000Z",
         },
         {
-            "destination": "tracker.example", "process": "checkout.service", "finding": "leak",
-            "messages": 3, "headers": {"baggage": 3, "traceparent": 3}, "pids": [10],
-            "first_seen": "2026-03-01T12:00:01.000Z", "last_seen": "2026-03-01T12:00:06.000Z",
+            "destination": "tracker.example",
+            "process": "checkout.service",
+            "finding": "leak",
+            "messages": 3,
+            "headers": {"baggage": 3, "traceparent": 3},
+            "pids": [10],
+            "first_seen": "2026-03-01T12:00:01.000Z",
+            "last_seen": "2026-03-01T12:00:06.000Z",
         },
     ]
     assert report.other == {"stripped": 1}
     assert report.unreadable == 1
     text = format_report(report)
-    assert "tracker.example\n  checkout.service: 3 requests to it; headers baggage x3, " \
-           "traceparent x3" in text
+    assert (
+        "tracker.example\n  checkout.service: 3 requests to it; headers baggage x3, "
+        "traceparent x3" in text
+    )
     assert "first 2026-03-01T12:00:01.000Z, last 2026-03-01T12:00:06.000Z" in text
     assert "Other findings: stripped 1" in text
     assert "1 unreadable" in text

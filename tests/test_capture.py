@@ -84,19 +84,23 @@ class Recorder:
 
     def of(self, tgid: int, kind: type | None = None) -> list[CaptureEvent]:
         return [
-            e for e in self.events
+            e
+            for e in self.events
             if getattr(e, "tgid", None) == tgid and (kind is None or isinstance(e, kind))
         ]
 
     def chunks(self, tgid: int, direction: Direction | None = None) -> list[DataChunk]:
         return [
-            e for e in self.events
-            if isinstance(e, DataChunk) and e.tgid == tgid
+            e
+            for e in self.events
+            if isinstance(e, DataChunk)
+            and e.tgid == tgid
             and (direction is None or e.direction is direction)
         ]
 
 
 # --- probe cost (first: measured before the shared capture is attached) -------------------
+
 
 def _dd_ns_per_block(tmp: Path, blocks: int = 400_000) -> float:
     """dd /dev/zero -> /dev/null, 100-byte blocks: one read + one write syscall per block."""
@@ -104,8 +108,11 @@ def _dd_ns_per_block(tmp: Path, blocks: int = 400_000) -> float:
     best = float("inf")
     for _ in range(3):
         t = time.perf_counter_ns()
-        subprocess.run([dd, "if=/dev/zero", "of=/dev/null", "bs=100", f"count={blocks}"],
-                       check=True, capture_output=True)
+        subprocess.run(
+            [dd, "if=/dev/zero", "of=/dev/null", "bs=100", f"count={blocks}"],
+            check=True,
+            capture_output=True,
+        )
         best = min(best, (time.perf_counter_ns() - t) / blocks)
     return best
 
@@ -167,7 +174,9 @@ class Driven:
     def __init__(self, exe: str, script: Path, port: int) -> None:
         self.proc = subprocess.Popen(
             [exe, str(script), str(port)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
         )
         assert self.proc.stdout is not None
         first = self.proc.stdout.readline().split()
@@ -205,7 +214,8 @@ def sink(tmp: Path) -> Iterator[int]:
     script.write_text(SINK)
     proc = subprocess.Popen(
         [link(tmp, "t_cap_sink", sys.executable), str(script), str(port)],
-        stdout=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
     yield port
@@ -233,9 +243,17 @@ def rec(preexisting: Driven) -> Iterator[Recorder]:
 def http_server(tmp: Path, rec: Recorder) -> Iterator[tuple[int, int]]:
     port = free_port()
     proc = subprocess.Popen(
-        [link(tmp, "t_cap_httpd", sys.executable), "-m", "http.server", str(port),
-         "--bind", "127.0.0.1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp,
+        [
+            link(tmp, "t_cap_httpd", sys.executable),
+            "-m",
+            "http.server",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=tmp,
     )
     wait_port(port)
     yield port, proc.pid
@@ -270,7 +288,9 @@ def test_curl_requests_exact(tmp: Path, rec: Recorder, http_server: tuple[int, i
     for i in range(n):
         p = subprocess.run(
             [curl, "-s", "-o", "/dev/null", "-w", "%{http_code}", f"http://127.0.0.1:{port}/r{i}"],
-            capture_output=True, text=True, check=True,
+            capture_output=True,
+            text=True,
+            check=True,
         )
         assert p.stdout == "404"
         pids.append(p)
@@ -284,13 +304,17 @@ def test_curl_requests_exact(tmp: Path, rec: Recorder, http_server: tuple[int, i
     assert sorted(h.data.split(b" ")[1] for h in heads) == [f"/r{i}".encode() for i in range(n)]
     # client side: one connection, one request head each, sent over the connected fd
     client_opens = [
-        e for e in rec.events
+        e
+        for e in rec.events
         if isinstance(e, ConnOpened) and e.comm == "t_cap_curl" and e.peer and e.peer.port == port
     ]
     assert len(client_opens) >= n
     client_heads = [
-        e for e in rec.events
-        if isinstance(e, DataChunk) and e.comm == "t_cap_curl" and e.direction is Direction.SEND
+        e
+        for e in rec.events
+        if isinstance(e, DataChunk)
+        and e.comm == "t_cap_curl"
+        and e.direction is Direction.SEND
         and e.data.startswith(b"GET /r")
     ]
     assert len(client_heads) == n
@@ -350,14 +374,21 @@ def test_writev_readv_sendmsg_recvmsg(
     port, _ = http_server
     script = tmp / "vectored.py"
     script.write_text(CLIENT_VECTORED)
-    p = subprocess.run([link(tmp, "t_cap_vec", sys.executable), str(script), str(port)],
-                       capture_output=True, text=True, check=True)
+    p = subprocess.run(
+        [link(tmp, "t_cap_vec", sys.executable), str(script), str(port)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     got1, got2 = map(int, p.stdout.split())
     pid_chunks = lambda: [  # noqa: E731
         e for e in rec.events if isinstance(e, DataChunk) and e.comm == "t_cap_vec"
     ]
-    rec.wait(lambda: sum(c.total_len for c in pid_chunks() if c.direction is Direction.RECV)
-             >= got1 + got2)
+    rec.wait(
+        lambda: (
+            sum(c.total_len for c in pid_chunks() if c.direction is Direction.RECV) >= got1 + got2
+        )
+    )
     chunks = pid_chunks()
     opens = [e for e in rec.events if isinstance(e, ConnOpened) and e.comm == "t_cap_vec"]
     assert len(opens) == 2 and all(o.peer and o.peer.port == port for o in opens)
@@ -415,7 +446,8 @@ def test_regular_file_and_unix_socket_yield_nothing(tmp: Path, rec: Recorder) ->
     script = tmp / "nonsock.py"
     target = tmp / "out.txt"
     sock_path = tmp / "u.sock"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(
+        textwrap.dedent(f"""
         import os, socket
         with open({str(target)!r}, "wb", buffering=0) as f:
             for _ in range(3):
@@ -432,9 +464,14 @@ def test_regular_file_and_unix_socket_yield_nothing(tmp: Path, rec: Recorder) ->
             conn.sendall(b"HTTP/1.1 200 OK\\r\\nContent-Length: 0\\r\\n\\r\\n")
             cli.recv(4096)
         print(os.getpid(), flush=True)
-    """))
-    p = subprocess.run([link(tmp, "t_cap_nonsock", sys.executable), str(script)],
-                       capture_output=True, text=True, check=True)
+    """)
+    )
+    p = subprocess.run(
+        [link(tmp, "t_cap_nonsock", sys.executable), str(script)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     pid = int(p.stdout)
     rec.wait(lambda: any(isinstance(e, ProcessExited) for e in rec.of(pid)))
     assert rec.chunks(pid) == []

@@ -227,8 +227,16 @@ def test_process_that_never_receives_requests_has_no_hop_findings() -> None:
     rig(_obs("inbound", response(200), tgid=7, tid=7))
     assert rig.all_findings() == {}
     assert rig.unattributed() is None
-    assert rig.value("hopwatch_hops_total", process="orders.service", peer=UP,
-                     inbound_context="none", outbound_context="w3c") is None
+    assert (
+        rig.value(
+            "hopwatch_hops_total",
+            process="orders.service",
+            peer=UP,
+            inbound_context="none",
+            outbound_context="w3c",
+        )
+        is None
+    )
 
 
 # -- findings ---------------------------------------------------------------------------------
@@ -484,8 +492,13 @@ def test_leak_judged_by_hostname_port_aware() -> None:
     headers = (("traceparent", TP_A), ("baggage", BAGGAGE))
     rig(_obs("outbound", request(headers, authority="api.partner.example"), peer=THIRD_PARTY))
     assert rig.all_findings() == {}  # Host allowed on the port the request really used
-    rig(_obs("outbound", request(headers, authority="api.partner.example:8443"),
-             peer=SockAddr(socket.AF_INET, "203.0.113.7", 8443)))
+    rig(
+        _obs(
+            "outbound",
+            request(headers, authority="api.partner.example:8443"),
+            peer=SockAddr(socket.AF_INET, "203.0.113.7", 8443),
+        )
+    )
     rig(_obs("outbound", request(headers, authority="tracker.example"), peer=THIRD_PARTY))
     assert rig.all_findings() == {
         ("leak", "traceparent", "api.partner.example:8443"): 1.0,
@@ -495,7 +508,9 @@ def test_leak_judged_by_hostname_port_aware() -> None:
     }
     leak = rig.sink.items[-1]
     assert (leak.reason, leak.destination, leak.via) == (
-        "leak.destination_not_allowed", "tracker.example", "direct"
+        "leak.destination_not_allowed",
+        "tracker.example",
+        "direct",
     )
 
 
@@ -503,11 +518,21 @@ def test_leak_judged_by_cidr() -> None:
     rig = Rig(allow("10.0.0.0/8", "192.0.2.0/24:443"))
     headers = (("b3", B3_A),)
     rig(_obs("outbound", request(headers, authority=None)))  # 10.0.0.9:8080
-    rig(_obs("outbound", request(headers, authority=None),
-             peer=SockAddr(socket.AF_INET, "192.0.2.10", 443)))
+    rig(
+        _obs(
+            "outbound",
+            request(headers, authority=None),
+            peer=SockAddr(socket.AF_INET, "192.0.2.10", 443),
+        )
+    )
     assert rig.all_findings() == {}
-    rig(_obs("outbound", request(headers, authority=None),
-             peer=SockAddr(socket.AF_INET, "192.0.2.10", 80)))  # the rule is for :443
+    rig(
+        _obs(
+            "outbound",
+            request(headers, authority=None),
+            peer=SockAddr(socket.AF_INET, "192.0.2.10", 80),
+        )
+    )  # the rule is for :443
     rig(_obs("outbound", request(headers, authority=None), peer=THIRD_PARTY))
     assert rig.all_findings() == {
         ("leak", "b3", "192.0.2.10:80"): 1.0,
@@ -525,11 +550,25 @@ def test_forward_proxy_absolute_form_judged_by_named_host() -> None:
     rig = Rig(allow("10.0.0.0/8", "*.svc.cluster.local"))
     headers = (("traceparent", TP_A),)
     # to the proxy (allowed address) but naming a third party
-    rig(_obs("outbound", request(headers, path="http://tracker.example/collect",
-                                 authority="tracker.example"), peer=PROXY))
+    rig(
+        _obs(
+            "outbound",
+            request(headers, path="http://tracker.example/collect", authority="tracker.example"),
+            peer=PROXY,
+        )
+    )
     # naming an allowed host through the same proxy
-    rig(_obs("outbound", request(headers, path="http://users.svc.cluster.local/u",
-                                 authority="users.svc.cluster.local"), peer=PROXY))
+    rig(
+        _obs(
+            "outbound",
+            request(
+                headers,
+                path="http://users.svc.cluster.local/u",
+                authority="users.svc.cluster.local",
+            ),
+            peer=PROXY,
+        )
+    )
     assert rig.all_findings() == {("leak", "traceparent", "tracker.example:80"): 1.0}
     assert rig.sink.items[0].via == "proxy"
     assert rig.sink.items[0].reason == "leak.proxy_target_not_allowed"
@@ -538,15 +577,37 @@ def test_forward_proxy_absolute_form_judged_by_named_host() -> None:
 def test_connect_tunnel_judged_by_target() -> None:
     rig = Rig(allow("10.0.0.0/8", "api.partner.example:443"))
     headers = (("traceparent", TP_A),)
-    rig(_obs("outbound", request(headers, method="CONNECT", path="tracker.example:443",
-                                 authority="tracker.example:443"), peer=PROXY, fd=11))
+    rig(
+        _obs(
+            "outbound",
+            request(
+                headers,
+                method="CONNECT",
+                path="tracker.example:443",
+                authority="tracker.example:443",
+            ),
+            peer=PROXY,
+            fd=11,
+        )
+    )
     # a request inside that tunnel (plaintext from the TLS probes), Host says nothing new
     rig(_obs("outbound", request(headers, authority="tracker.example"), peer=PROXY, fd=11))
     assert rig.all_findings() == {("leak", "traceparent", "tracker.example:443"): 2.0}
     assert [f.via for f in rig.sink.items] == ["connect", "tunnel"]
     # an allowed CONNECT target; and the tunnel is gone with the connection
-    rig(_obs("outbound", request(headers, method="CONNECT", path="api.partner.example:443",
-                                 authority="api.partner.example:443"), peer=PROXY, fd=12))
+    rig(
+        _obs(
+            "outbound",
+            request(
+                headers,
+                method="CONNECT",
+                path="api.partner.example:443",
+                authority="api.partner.example:443",
+            ),
+            peer=PROXY,
+            fd=12,
+        )
+    )
     rig(_obs("outbound", request(headers, authority="api.partner.example"), peer=PROXY, fd=12))
     rig.hops.connection_closed(100, 11)
     rig(_obs("outbound", request(headers, authority="users"), peer=PROXY, fd=11))
@@ -554,8 +615,11 @@ def test_connect_tunnel_judged_by_target() -> None:
 
 
 def test_destination_helpers() -> None:
-    obs = _obs("outbound", request((), authority="[2001:db8::1]:8443"),
-               peer=SockAddr(socket.AF_INET6, "2001:db8::1", 8443))
+    obs = _obs(
+        "outbound",
+        request((), authority="[2001:db8::1]:8443"),
+        peer=SockAddr(socket.AF_INET6, "2001:db8::1", 8443),
+    )
     dest = destination_of(obs)
     assert dest == Destination("direct", "2001:db8::1", 8443, ip="2001:db8::1", ip_port=8443)
     assert dest.label == "[2001:db8::1]:8443"
@@ -626,8 +690,7 @@ def test_oversized_rejected_seen_by_the_client_pipelined_and_http2() -> None:
     rig(_obs("inbound", response(431), fd=9))  # /3 was small: not this finding
     assert rig.all_findings() == {("oversized_rejected", "baggage", UP): 1.0}
     # HTTP/2 by stream
-    rig(_obs("outbound", request((("baggage", BIG_BAGGAGE),), stream_id=5), fd=10,
-             limits=SMALL))
+    rig(_obs("outbound", request((("baggage", BIG_BAGGAGE),), stream_id=5), fd=10, limits=SMALL))
     rig(_obs("outbound", request((), stream_id=7), fd=10))
     rig(_obs("inbound", response(413, stream_id=7), fd=10))
     assert rig.all_findings() == {("oversized_rejected", "baggage", UP): 1.0}
@@ -682,26 +745,47 @@ def test_peer_labels_stay_within_the_cap() -> None:
     metrics = Metrics(max_peer_labels=100)
     hops = HopAnalyzer(allow("10.0.0.0/8"), metrics)
     for i in range(10_000):
-        hops(_obs("outbound", request((("traceparent", TP_A),), authority=f"h{i}.example"),
-                  peer=THIRD_PARTY))
+        hops(
+            _obs(
+                "outbound",
+                request((("traceparent", TP_A),), authority=f"h{i}.example"),
+                peer=THIRD_PARTY,
+            )
+        )
     metrics.overflow_check()
     series = [
-        s for f in metrics.registry.collect() if f.name == "hopwatch_findings"
-        for s in f.samples if s.name == "hopwatch_findings_total"
+        s
+        for f in metrics.registry.collect()
+        if f.name == "hopwatch_findings"
+        for s in f.samples
+        if s.name == "hopwatch_findings_total"
     ]
     assert len(series) == 101  # 100 peers + "other"
     assert sum(s.value for s in series) == 10_000
-    assert metrics.registry.get_sample_value(
-        "hopwatch_findings_total",
-        {"finding": "leak", "header": "traceparent", "process": "orders.service", "peer": "other"},
-    ) == 9_900.0
+    assert (
+        metrics.registry.get_sample_value(
+            "hopwatch_findings_total",
+            {
+                "finding": "leak",
+                "header": "traceparent",
+                "process": "orders.service",
+                "peer": "other",
+            },
+        )
+        == 9_900.0
+    )
 
 
 def test_no_raw_id_or_value_in_metric_labels() -> None:
     rig = Rig(allow("10.0.0.0/8"))
     serve(rig, (("traceparent", TP_A), ("baggage", BAGGAGE)), (("traceparent", TP_B),))
-    rig(_obs("outbound", request((("traceparent", TP_A), ("baggage", BAGGAGE)),
-                                 authority="tracker.example"), peer=THIRD_PARTY))
+    rig(
+        _obs(
+            "outbound",
+            request((("traceparent", TP_A), ("baggage", BAGGAGE)), authority="tracker.example"),
+            peer=THIRD_PARTY,
+        )
+    )
     labels = " ".join(
         v for f in rig.metrics.registry.collect() for s in f.samples for v in s.labels.values()
     )
