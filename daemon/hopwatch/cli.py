@@ -86,5 +86,27 @@ def audit(
         typer.echo(format_report(report))
 
 
+config_app = typer.Typer(no_args_is_help=True, help="Configuration file tools.")
+app.add_typer(config_app, name="config")
+
+
+@config_app.command("check")
+def config_check(
+    path: str = typer.Argument(..., metavar="FILE", help="The TOML configuration file."),
+) -> None:
+    """Validate FILE: every error with its line (exit 1), else the effective configuration."""
+    from hopwatch.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(path)
+    except ConfigError as exc:
+        for err in exc.errors:
+            typer.echo(f"error: {err}", err=True)
+        typer.echo(f"{path}: invalid ({len(exc.errors)} error(s))", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"{path}: valid")
+    typer.echo(cfg.summary())
+
+
 def main() -> None:
     app()

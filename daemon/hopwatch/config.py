@@ -5,6 +5,7 @@ Errors name the file, the line and the key, so an operator can fix them (`Config
 
 from __future__ import annotations
 
+import fnmatch
 import ipaddress
 import re
 from collections.abc import Mapping
@@ -14,7 +15,7 @@ from typing import Any
 
 import tomllib
 
-from hopwatch.propagation import Limits
+from hopwatch.propagation import SENSITIVE_DETECTORS, Limits
 
 __all__ = [
     "DEFAULT_ALLOW",
@@ -23,6 +24,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "EgressRule",
+    "ProcessFilter",
     "load_config",
     "parse_config",
 ]
@@ -44,13 +46,26 @@ DEFAULT_ALLOW: tuple[str, ...] = (
 
 
 class ConfigError(ValueError):
-    """A configuration that cannot be used. ``line`` is 1-based when known."""
+    """A configuration that cannot be used. ``line`` is 1-based when known.
 
-    def __init__(self, message: str, *, source: str = "<config>", line: int | None = None):
+    Raised for the first problem of a file; ``errors`` holds every problem found (this one
+    first), so `hopwatch config check` can list them all in one run.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        source: str = "<config>",
+        line: int | None = None,
+        errors: tuple[ConfigError, ...] = (),
+    ):
         self.source = source
         self.line = line
+        self.message = message
         where = f"{source}:{line}" if line else source
         super().__init__(f"{where}: {message}")
+        self.errors: tuple[ConfigError, ...] = errors or (self,)
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +144,47 @@ def _parse_port(text: str, entry: str) -> int:
 
 
 @dataclass(frozen=True, slots=True)
+class ProcessFilter:
+    """`[processes]`: which processes the pipeline looks at, by name.
+
+    A name is a process's ``comm``, its systemd unit (``nginx.service``) or its label
+    (container name); patterns are shell wildcards (``nginx*``, ``*.service``), matched
+    case-sensitively. A process is selected when ``include`` is empty or one of its names
+    matches an include pattern, and none matches an exclude pattern. pid and cgroup
+    filters are `[capture]`'s and act in the kernel; these act on the first bytes of each
+    connection (the kernel is then told to ignore it).
+    """
+
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    _include_re: re.Pattern[str] | None = field(default=None, init=False, compare=False, repr=False)
+    _exclude_re: re.Pattern[str] | None = field(default=None, init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        for attr, patterns in (("_include_re", self.include), ("_exclude_re", self.exclude)):
+            if patterns:
+                regex = "|".join(f"(?:{fnmatch.translate(p)})" for p in patterns)
+                object.__setattr__(self, attr, re.compile(regex))
+
+    @property
+    def active(self) -> bool:
+        return bool(self.include or self.exclude)
+
+    def selects(self, *names: str | None) -> bool:
+        present = [n for n in names if n]
+        inc, exc = self._include_re, self._exclude_re
+        if inc is not None and not any(inc.match(n) for n in present):
+            return False
+        return exc is None or not any(exc.match(n) for n in present)
+
+
+#: `[sensitive]` keys naming one detector each: "email" -> "sensitive.email".
+DETECTOR_KEYS: dict[str, str] = {
+    code.removeprefix("sensitive."): code for code in SENSITIVE_DETECTORS
+}
+
+
+@dataclass(frozen=True, slots=True)
 class CaptureSettings:
     ring_buffer_bytes: int = 16 << 20
     max_copy_bytes: int = 262144  # per syscall; the rest is counted as truncated
@@ -147,6 +203,9 @@ class Config:
     )
     limits: Limits = field(default_factory=Limits)
     sensitive: bool = True
+    # Detector codes switched on (keys of propagation.SENSITIVE_DETECTORS).
+    sensitive_detectors: frozenset[str] = frozenset(SENSITIVE_DETECTORS)
+    processes: ProcessFilter = field(default_factory=ProcessFilter)
     capture: CaptureSettings = field(default_factory=CaptureSettings)
     metrics_addr: str = DEFAULT_METRICS_ADDR
     audit_log: str | None = None
@@ -157,6 +216,68 @@ class Config:
     max_peer_labels: int = 500
     max_connections: int = 200_000
     source: str = "<defaults>"
+
+    @property
+    def sensitive_selection(self) -> bool | frozenset[str]:
+        """What `check_message(sensitive=...)` takes: True (all), False (none) or a set."""
+        if not self.sensitive or not self.sensitive_detectors:
+            return False
+        if self.sensitive_detectors >= frozenset(SENSITIVE_DETECTORS):
+            return True
+        return self.sensitive_detectors
+
+    def summary(self) -> str:
+        """The effective configuration, for a person (`hopwatch config check`)."""
+        lim = self.limits
+        cap = self.capture
+        off = sorted(k for k, c in DETECTOR_KEYS.items() if c not in self.sensitive_detectors)
+        if not self.sensitive:
+            sensitive = "off"
+        elif off:
+            sensitive = f"on, except {', '.join(off)}"
+        else:
+            sensitive = f"on (all {len(DETECTOR_KEYS)} detectors)"
+        procs = self.processes
+
+        def listed(items: tuple[object, ...]) -> str:
+            return ", ".join(str(i) for i in items) if items else "-"
+
+        lines = [
+            f"source: {self.source}",
+            f"egress allow: {listed(tuple(r.text for r in self.egress_allow))}",
+            f"limits: baggage {lim.baggage_bytes} bytes / {lim.baggage_members} members; "
+            f"tracestate {lim.tracestate_bytes} bytes / {lim.tracestate_members} members; "
+            f"header block {lim.header_block_bytes} bytes",
+            f"sensitive baggage: {sensitive}",
+            f"processes: include {listed(procs.include)}; exclude {listed(procs.exclude)}",
+            f"capture: ring buffer {cap.ring_buffer_bytes} bytes; copy cap "
+            f"{cap.max_copy_bytes} bytes/syscall; filters: {_capture_filters(cap)}",
+            f"metrics: {self.metrics_addr}; label caps: process {self.max_process_labels}, "
+            f"peer {self.max_peer_labels}",
+            f"audit log: {self.audit_log or 'off'}"
+            + (
+                f" (rotate at {self.audit_max_bytes} bytes, keep {self.audit_backups})"
+                if self.audit_log
+                else ""
+            ),
+            f"connections: at most {self.max_connections}",
+        ]
+        return "\n".join(lines)
+
+
+def _capture_filters(cap: CaptureSettings) -> str:
+    parts = [
+        f"{what} {', '.join(str(v) for v in values)}"
+        for what, values in (
+            ("only pids", cap.include_pids),
+            ("not pids", cap.exclude_pids),
+            ("only cgroups", cap.include_cgroups),
+            ("not cgroups", cap.exclude_cgroups),
+            ("not ports", cap.exclude_ports),
+        )
+        if values
+    ]
+    return "; ".join(parts) if parts else "none"
 
 
 # section -> key -> (type, attribute path)
@@ -170,7 +291,14 @@ _SCHEMA: dict[str, dict[str, tuple[type, str]]] = {
         "tracestate_bytes": (_INT, "limits.tracestate_bytes"),
         "header_block_bytes": (_INT, "limits.header_block_bytes"),
     },
-    "sensitive": {"enabled": (bool, "sensitive")},
+    "sensitive": {
+        "enabled": (bool, "sensitive"),
+        **{key: (bool, f"detector.{code}") for key, code in DETECTOR_KEYS.items()},
+    },
+    "processes": {
+        "include": (list, "processes.include"),
+        "exclude": (list, "processes.exclude"),
+    },
     "capture": {
         "ring_buffer_bytes": (_INT, "capture.ring_buffer_bytes"),
         "max_copy_bytes": (_INT, "capture.max_copy_bytes"),
@@ -240,43 +368,30 @@ def load_config(path: str | Path | None) -> Config:
 
 def _from_mapping(data: Mapping[str, Any], *, text: str, source: str) -> Config:
     values: dict[str, Any] = {}
+    errors: list[ConfigError] = []
 
-    def fail(msg: str, section: str, key: str | None = None) -> ConfigError:
-        return ConfigError(msg, source=source, line=_line_of(text, section, key))
+    def fail(msg: str, section: str, key: str | None = None) -> None:
+        errors.append(ConfigError(msg, source=source, line=_line_of(text, section, key)))
 
     for section, body in data.items():
         if section not in _SCHEMA:
             known = ", ".join(f"[{s}]" for s in _SCHEMA)
-            raise fail(f"unknown section [{section}] (known: {known})", section)
+            fail(f"unknown section [{section}] (known: {known})", section)
+            continue
         if not isinstance(body, dict):
-            raise fail(f"[{section}] must be a table", section)
+            fail(f"[{section}] must be a table", section)
+            continue
         for key, value in body.items():
             spec = _SCHEMA[section].get(key)
             if spec is None:
                 known = ", ".join(_SCHEMA[section])
-                raise fail(f"unknown key {key!r} in [{section}] (known: {known})", section, key)
-            typ, target = spec
-            if typ is _INT and (not isinstance(value, int) or isinstance(value, bool)):
-                raise fail(f"{section}.{key} must be an integer", section, key)
-            if typ is _INT and value < 0:
-                raise fail(f"{section}.{key} must not be negative", section, key)
-            if typ in (bool, str, list) and not isinstance(value, typ):
-                raise fail(f"{section}.{key} must be a {typ.__name__}", section, key)
-            if target == "egress_allow":
-                try:
-                    value = tuple(EgressRule.parse(str(v)) for v in value)
-                except ValueError as exc:
-                    raise fail(f"egress.allow: {exc}", section, key) from None
-            elif target.startswith("capture.") and typ is list:
-                if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-                    raise fail(f"{section}.{key} must be a list of integers", section, key)
-                value = tuple(value)
-            elif target == "metrics_addr":
-                try:
-                    split_host_port(value)
-                except ValueError as exc:
-                    raise fail(f"metrics.addr: {exc}", section, key) from None
-            values[target] = value
+                fail(f"unknown key {key!r} in [{section}] (known: {known})", section, key)
+                continue
+            checked = _check_value(section, key, value, spec)
+            if isinstance(checked, _Problem):
+                fail(checked.message, section, key)
+                continue
+            values[spec[1]] = checked
 
     limits = Limits(
         **{
@@ -296,12 +411,65 @@ def _from_mapping(data: Mapping[str, Any], *, text: str, source: str) -> Config:
         capture.ring_buffer_bytes & (capture.ring_buffer_bytes - 1)
         or capture.ring_buffer_bytes < 4096
     ):
-        raise fail(
+        fail(
             "capture.ring_buffer_bytes must be a power of two >= 4096",
             "capture",
             "ring_buffer_bytes",
         )
-    return Config(limits=limits, capture=capture, source=source, **values)
+    detectors = set(SENSITIVE_DETECTORS)
+    for code in SENSITIVE_DETECTORS:
+        switch = values.pop(f"detector.{code}", None)
+        if switch is False:
+            detectors.discard(code)
+    processes = ProcessFilter(
+        include=values.pop("processes.include", ()), exclude=values.pop("processes.exclude", ())
+    )
+    if errors:
+        first = errors[0]
+        raise ConfigError(first.message, source=source, line=first.line, errors=tuple(errors))
+    return Config(
+        limits=limits,
+        capture=capture,
+        sensitive_detectors=frozenset(detectors),
+        processes=processes,
+        source=source,
+        **values,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Problem:
+    message: str
+
+
+def _check_value(section: str, key: str, value: Any, spec: tuple[type, str]) -> Any:
+    """The value to store for ``section.key``, or a `_Problem` saying what is wrong."""
+    typ, target = spec
+    if typ is _INT and (not isinstance(value, int) or isinstance(value, bool)):
+        return _Problem(f"{section}.{key} must be an integer")
+    if typ is _INT and value < 0:
+        return _Problem(f"{section}.{key} must not be negative")
+    if typ in (bool, str, list) and not isinstance(value, typ):
+        return _Problem(f"{section}.{key} must be a {typ.__name__}")
+    if target == "egress_allow":
+        try:
+            return tuple(EgressRule.parse(str(v)) for v in value)
+        except ValueError as exc:
+            return _Problem(f"egress.allow: {exc}")
+    if target.startswith("capture.") and typ is list:
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return _Problem(f"{section}.{key} must be a list of integers")
+        return tuple(value)
+    if target.startswith("processes."):
+        if not all(isinstance(v, str) and v.strip() for v in value):
+            return _Problem(f"{section}.{key} must be a list of non-empty names or patterns")
+        return tuple(v.strip() for v in value)
+    if target == "metrics_addr":
+        try:
+            split_host_port(value)
+        except ValueError as exc:
+            return _Problem(f"metrics.addr: {exc}")
+    return value
 
 
 def split_host_port(addr: str) -> tuple[str, int]:

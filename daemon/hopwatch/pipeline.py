@@ -45,6 +45,9 @@ log = logging.getLogger(__name__)
 #: Bodies shorter than this are copied anyway: a map update costs more than the copy.
 SKIP_MIN_BYTES = 1024
 
+#: `Connection.state` of a connection whose process `[processes]` leaves out.
+_EXCLUDED = "excluded"
+
 
 class CaptureControl(Protocol):
     """What the pipeline may ask of a live capture (pcap replay passes None)."""
@@ -119,6 +122,17 @@ class Pipeline:
         self.audit = audit
         self.lost: dict[str, int] = {}
 
+    @property
+    def config(self) -> Config:
+        return self._config
+
+    @config.setter
+    def config(self, config: Config) -> None:
+        """SIGHUP: the next message is checked with the new limits and detectors, the next
+        new connection filtered by the new `[processes]` (existing ones keep their fate)."""
+        self._config = config
+        self._sensitive = config.sensitive_selection
+
     # -- events -----------------------------------------------------------------------
     def handle(self, ev: CaptureEvent) -> None:
         if isinstance(ev, DataChunk):
@@ -136,6 +150,14 @@ class Pipeline:
             self.lost[ev.reason] = self.lost.get(ev.reason, 0) + ev.count
         elif isinstance(ev, UnknownFd):
             self._unknown_fd(ev)
+
+    def _selected(self, conn: Connection) -> bool:
+        """`[processes]` include/exclude by comm, systemd unit or label (container)."""
+        wanted = self.config.processes
+        if not wanted.active:
+            return True
+        proc = conn.process
+        return wanted.selects(proc.comm, proc.unit, proc.label)
 
     def _unknown_fd(self, ev: UnknownFd) -> None:
         """An untracked fd wrote HTTP-looking bytes: adopt it if /proc says inet socket."""
@@ -175,6 +197,13 @@ class Pipeline:
             return
         state = conn.state
         if state is None:
+            if not self._selected(conn):
+                # `[processes]` leaves this process out: never parsed, and the kernel stops
+                # copying the connection (its syscalls count as "ignored").
+                conn.state = _EXCLUDED
+                if self.control is not None:
+                    self.control.ignore(chunk.tgid, chunk.fd)
+                return
             state = conn.state = _ConnState()
         elif not isinstance(state, _ConnState):
             return
@@ -246,7 +275,7 @@ class Pipeline:
             headers,
             cfg.limits,
             header_block_bytes=msg.header_block_bytes,
-            sensitive=cfg.sensitive,
+            sensitive=self._sensitive,
         )
         proc = conn.process
         obs = Observation(

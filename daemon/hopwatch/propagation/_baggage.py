@@ -51,8 +51,14 @@ def _show_key(key: str) -> str:
     return repr(key if len(key) <= _KEY_SHOWN else key[:_KEY_SHOWN] + "...")
 
 
-def check_baggage(values: list[str], limits: Limits, sensitive: bool, out: list[Finding]) -> bool:
-    """Check the ``baggage`` field lines of one message. Returns whether any baggage is present."""
+def check_baggage(
+    values: list[str], limits: Limits, sensitive: bool | frozenset[str], out: list[Finding]
+) -> bool:
+    """Check the ``baggage`` field lines of one message. Returns whether any baggage is present.
+
+    ``sensitive``: True runs every privacy detector, False (or an empty set) none, a set of
+    detector codes (``sensitive.email`` ...) only those.
+    """
     combined, members = split_list(values)
     problems: MemberProblems | None = None
     # (member index, key, text to scan): what follows the key, raw and percent-decoded
@@ -117,12 +123,12 @@ def check_baggage(values: list[str], limits: Limits, sensitive: bool, out: list[
             )
         )
     if texts:
-        _scan(texts, out)
+        _scan(texts, out, None if sensitive is True else frozenset(sensitive or ()))
     return count > 0
 
 
 def _percent(
-    index: int, rest: str, problems: MemberProblems | None, sensitive: bool
+    index: int, rest: str, problems: MemberProblems | None, sensitive: bool | frozenset[str]
 ) -> tuple[MemberProblems | None, str]:
     """Validate the percent-encoding of a member's value and properties.
 
@@ -149,10 +155,12 @@ def _percent(
     return problems, plain
 
 
-def _scan(texts: list[tuple[int, str, str]], out: list[Finding]) -> None:
+def _scan(
+    texts: list[tuple[int, str, str]], out: list[Finding], enabled: frozenset[str] | None
+) -> None:
     where: dict[str, tuple[int, str]] = {}
     for index, key, text in texts:
-        for code in _sensitive.scan(text):
+        for code in _sensitive.scan(text, enabled):
             if code not in where:
                 where[code] = (index, key)
     for code in _sensitive.DESCRIPTIONS:

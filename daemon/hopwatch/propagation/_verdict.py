@@ -85,13 +85,14 @@ def check_message(
     limits: Limits = DEFAULT_LIMITS,
     *,
     header_block_bytes: int | None = None,
-    sensitive: bool = True,
+    sensitive: bool | frozenset[str] = True,
 ) -> Verdict:
     """Check the propagation headers of ONE message.
 
     ``headers`` are ``(name, raw value)`` pairs in wire order, any case; other names are
     ignored. ``header_block_bytes`` is the size of the whole header block, when known.
-    ``sensitive=False`` skips the baggage privacy detectors.
+    ``sensitive=False`` skips the baggage privacy detectors; a frozenset of detector codes
+    (keys of ``SENSITIVE_DETECTORS``) runs only those.
     """
     return _check(headers, limits, header_block_bytes, sensitive, set_rules=True)
 
@@ -109,7 +110,7 @@ def _check(
     headers: Iterable[tuple[str, str]],
     limits: Limits,
     header_block_bytes: int | None,
-    sensitive: bool,
+    sensitive: bool | frozenset[str],
     set_rules: bool,
 ) -> Verdict:
     traceparents: list[str] | None = None
