@@ -108,5 +108,32 @@ def config_check(
     typer.echo(cfg.summary())
 
 
+@app.command()
+def replay(
+    path: str = typer.Argument(..., metavar="FILE", help="A pcap or pcapng capture."),
+    config: str | None = typer.Option(
+        None, "--config", "-c", metavar="FILE", help="TOML configuration file."
+    ),
+    json_output: bool = typer.Option(
+        False, "--json", help="One JSON object per finding (the audit log's fields)."
+    ),
+    ends: str = typer.Option(
+        "both",
+        "--ends",
+        metavar="both|client|server",
+        help="Which end of each connection is observed: both (loopback, both peers local), "
+        "client (requests this host sent) or server (requests it received).",
+    ),
+) -> None:
+    """Run the daemon's pipeline over a capture file (tcpdump -w); process = host IP."""
+    from hopwatch._replay_cmd import replay as run_replay
+    from hopwatch.capture.pcap import ENDS
+
+    if ends not in ENDS:
+        typer.echo(f"hopwatch replay: --ends must be one of {', '.join(ENDS)}", err=True)
+        raise typer.Exit(2)
+    raise typer.Exit(run_replay(path, config, json_output, ends))
+
+
 def main() -> None:
     app()

@@ -32,6 +32,11 @@ Bounds: at most ``max_entries`` connections; the least recently used one is evic
 that (``evicted``). ``evict_idle`` removes connections with no traffic for a while. Every
 removal that the caller did not ask for by name (replacement, LRU eviction, idle eviction)
 is reported through ``on_drop`` so the pipeline can finish the per-connection parser state.
+
+Sources without processes (pcap replay) pass ``identity``: a function that names the
+process and the local address of each ``ConnOpened`` from the event alone. The table then
+never reads /proc: no inode pinning, no address resolution, no adoption of unknown fds
+(data on an fd that was never opened is dropped, counted as ``not_inet``).
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ from dataclasses import dataclass
 from hopwatch.capture._types import ConnOpened, SockAddr
 from hopwatch.procfs import Lookup, ProcessInfo, ProcFS, SocketFd, TcpSocket, normalize_addr
 
-__all__ = ["Connection", "ConnectionTable", "DropReason"]
+__all__ = ["Connection", "ConnectionTable", "DropReason", "Identity", "IdentityFn"]
 
 DropReason = str  # "replaced" | "evicted" | "idle"
 
@@ -63,6 +68,17 @@ _COUNTERS = (
     "resolve_failed",  # /proc could not tell the addresses of a connection
     "resolve_deferred",  # a resolution postponed by the table re-read budget (retried)
 )
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who holds a connection, when a capture source says so itself (pcap replay)."""
+
+    process: ProcessInfo
+    local: SockAddr | None
+
+
+IdentityFn = Callable[[ConnOpened], Identity]
 
 
 @dataclass(slots=True, eq=False)
@@ -99,6 +115,7 @@ class ConnectionTable:
         max_negative: int = 65_536,
         on_drop: Callable[[Connection, DropReason], None] | None = None,
         clock: Callable[[], int] = time.monotonic_ns,
+        identity: IdentityFn | None = None,
     ) -> None:
         if max_entries < 1:
             raise ValueError("max_entries must be at least 1")
@@ -108,6 +125,7 @@ class ConnectionTable:
         self.max_negative = max_negative
         self._on_drop = on_drop
         self._clock = clock
+        self._identity = identity
         # Insertion/touch order is the LRU order: the first item is the least recently used.
         self._conns: OrderedDict[tuple[int, int], Connection] = OrderedDict()
         self._by_tgid: dict[int, set[int]] = {}
@@ -148,6 +166,11 @@ class ConnectionTable:
             self._remove(key)
             self._counters["replaced"] += 1
             self._dropped(old, "replaced")
+        if self._identity is not None:
+            conn = self._synthetic(ev)
+            self._insert(conn)
+            self._counters["opened"] += 1
+            return conn
         conn = Connection(
             tgid=ev.tgid,
             fd=ev.fd,
@@ -212,6 +235,9 @@ class ConnectionTable:
             if not conn.resolved:
                 self.resolve(conn, budgeted=True)
             return conn
+        if self._identity is not None:
+            self._counters["not_inet"] += 1  # no /proc behind a synthetic identity
+            return None
         negs = self._negative.get(tgid)
         if negs is not None:
             expiry = negs.get(fd)
@@ -237,7 +263,7 @@ class ConnectionTable:
         ``budgeted``: when the namespace table was re-read too recently, leave the connection
         unresolved (False) so that a later call tries again.
         """
-        if conn.resolved:
+        if conn.resolved or self._identity is not None:
             return conn.local is not None
         inode = conn.inode or self.procfs.socket_inode(conn.tgid, conn.fd) or 0
         sock = self.procfs.tcp_socket(conn.tgid, inode, budgeted=budgeted) if inode else None
@@ -303,6 +329,23 @@ class ConnectionTable:
         if info is not None:
             return info
         return ProcessInfo(tgid, comm or "unknown")
+
+    def _synthetic(self, ev: ConnOpened) -> Connection:
+        """A connection named by the source (``identity``), not by /proc."""
+        assert self._identity is not None
+        ident = self._identity(ev)
+        return Connection(
+            tgid=ev.tgid,
+            fd=ev.fd,
+            role=ev.role,
+            process=ident.process,
+            peer=normalize_addr(ev.peer),
+            local=normalize_addr(ident.local),
+            created_ns=ev.ts_ns,
+            last_seen_ns=ev.ts_ns,
+            origin="opened",
+            resolved=True,
+        )
 
     def _from_socket(self, found: SocketFd, ts_ns: int, origin: str, comm: str) -> Connection:
         sock = found.socket
