@@ -119,7 +119,7 @@ class PcapStats:
     malformed: int = 0  # records too short for the headers they announce
     connections: int = 0
     connections_without_syn: int = 0  # already open when the capture started
-    late_packets: int = 0  # segments of a connection already closed (passed over)
+    late_packets: int = 0  # payload of a connection already closed (passed over)
     retransmitted_segments: int = 0
     retransmitted_bytes: int = 0
     overlap_bytes: int = 0  # bytes seen twice in partly overlapping segments
@@ -357,7 +357,8 @@ class PcapCapture:
             return
         if conn is None:
             if key in self._closed:
-                self.stats.late_packets += 1
+                if p.seg_len:  # a retransmission after the close (pure ACKs are expected)
+                    self.stats.late_packets += 1
                 return
             if not p.seg_len:
                 return  # pure ACKs and FINs of a connection we never saw carry nothing
