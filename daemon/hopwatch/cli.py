@@ -135,5 +135,52 @@ def replay(
     raise typer.Exit(run_replay(path, config, json_output, ends))
 
 
+@app.command()
+def trace(
+    url: str = typer.Argument(..., metavar="URL", help="http:// or https:// URL to probe."),
+    header: list[str] = typer.Option(  # noqa: B008
+        [], "--header", "-H", metavar="'NAME: VALUE'", help="Extra request header (repeatable)."
+    ),
+    fmt: str = typer.Option("w3c", "--format", help="Trace context to send: w3c, b3 or both."),
+    count: int = typer.Option(1, "--count", "-n", help="Probes to send, each its own trace id."),
+    json_output: bool = typer.Option(False, "--json", help="One JSON document for machines."),
+    http2: bool = typer.Option(
+        False, "--http2", help="HTTP/2: prior knowledge (h2c) on http://, ALPN h2 on https://."
+    ),
+    method: str = typer.Option("GET", "--method", "-X", help="Request method."),
+    insecure: bool = typer.Option(False, "--insecure", "-k", help="Do not verify TLS."),
+    timeout: float = typer.Option(10.0, "--timeout", help="Seconds to wait for the response."),
+    wait: float = typer.Option(
+        3.0, "--wait", help="At most this many seconds after the response for hops to settle."
+    ),
+    config: str | None = typer.Option(
+        None, "--config", "-c", metavar="FILE", help="TOML configuration (egress allowlist)."
+    ),
+) -> None:
+    """Send a request with a fresh trace id and follow it through every hop on this node.
+
+    Exit status: 0 the context reached every hop intact; 1 stripped or restarted (broken);
+    2 usage or setup error (needs root); 3 the request failed or no process on this node
+    received it; 4 survived but flagged (leak, format changed, sampling flipped).
+    """
+    from hopwatch._trace_cmd import run as run_trace
+
+    raise typer.Exit(
+        run_trace(
+            url,
+            header_lines=header,
+            fmt=fmt,
+            count=count,
+            json_output=json_output,
+            http2=http2,
+            method=method,
+            insecure=insecure,
+            timeout=timeout,
+            wait=wait,
+            config_path=config,
+        )
+    )
+
+
 def main() -> None:
     app()

@@ -20,7 +20,7 @@ from prometheus_client import start_http_server
 from hopwatch.audit import AuditError, AuditLog
 from hopwatch.config import Config, ConfigError, load_config, split_host_port
 from hopwatch.conntrack import ConnectionTable
-from hopwatch.hops import HopAnalyzer
+from hopwatch.hops import FindingSink, HopAnalyzer, HopFinding
 from hopwatch.metrics import KernelStatsCollector, Metrics
 from hopwatch.pipeline import Observer, Pipeline
 from hopwatch.sdnotify import Notifier
@@ -79,6 +79,20 @@ _LOST_REASONS = (
 _FILTER_REASONS = ("filtered", "sniff_rejected", "ignored")
 
 
+class _FindingTee:
+    """Hands each hop finding to every sink; one failing sink does not starve the others."""
+
+    def __init__(self, sinks: tuple[FindingSink, ...]) -> None:
+        self.sinks = sinks
+
+    def hop_finding(self, finding: HopFinding) -> None:
+        for sink in self.sinks:
+            try:
+                sink.hop_finding(finding)
+            except Exception:
+                log.exception("finding sink %r failed", sink)
+
+
 class StartupError(RuntimeError):
     """The daemon cannot start; the message says why and how to fix it."""
 
@@ -91,6 +105,8 @@ class Daemon:
         config_path: str | None = None,
         observers: tuple[Observer, ...] = (),
         on_ready: Callable[[], None] | None = None,
+        finding_sinks: tuple[FindingSink, ...] = (),
+        serve_metrics: bool = True,
     ) -> None:
         self.config = config
         self.config_path = config_path
@@ -107,6 +123,8 @@ class Daemon:
         self.audit: AuditLog | None = None
         self._observers = observers
         self._on_ready = on_ready
+        self._finding_sinks = finding_sinks  # besides the audit log (hopwatch trace)
+        self._serve_metrics = serve_metrics  # False: no /metrics listener (hopwatch trace)
         self._stop = threading.Event()
         self._reload = False
         self._http: Any = None
@@ -172,7 +190,9 @@ class Daemon:
             except AuditError as exc:
                 self.capture.close()
                 raise StartupError(f"audit log: {exc}") from exc
-        self.hops = HopAnalyzer(cfg, self.metrics, self.audit)
+        sinks = tuple(s for s in (self.audit, *self._finding_sinks) if s is not None)
+        sink = sinks[0] if len(sinks) == 1 else _FindingTee(sinks) if sinks else None
+        self.hops = HopAnalyzer(cfg, self.metrics, sink)
         self.pipeline = Pipeline(
             cfg,
             self.metrics,
@@ -189,7 +209,8 @@ class Daemon:
         log.info("adopted %d existing inet sockets", adopted)
         self.metrics.registry.register(KernelStatsCollector(self._stats, _STATS_DOCS))
         try:
-            self._http, _thread = start_http_server(port, addr=host, registry=self.metrics.registry)
+            if self._serve_metrics:
+                self._http, _ = start_http_server(port, addr=host, registry=self.metrics.registry)
         except OSError as exc:
             self.capture.close()
             raise StartupError(
