@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import select
 import signal
 import socket
@@ -706,7 +707,8 @@ def test_replay_matches_the_live_daemon(daemon: Daemon, tmp_path: Path) -> None:
             args += ["--interface", curl_ip]
             for h in headers:
                 args += ["-H", h]
-            run([*args, *[f"http://{ngx_ip}:{nport}/x"] * n])
+            for _ in range(n):  # one URL per curl: curl 7.88 fails reusing an h2c connection
+                run([*args, f"http://{ngx_ip}:{nport}/x"])
 
         h1(strip_ip, sport, 4, f"traceparent: {TP}")  # stripped at t_rp_strip
         h1(strip_ip, sport, 2)  # nothing to strip
@@ -718,7 +720,7 @@ def test_replay_matches_the_live_daemon(daemon: Daemon, tmp_path: Path) -> None:
         h2(2, f"traceparent: {TP_BAD}")
         delta = daemon.settle() - before
     report = dump.report
-    assert " 0 packets dropped by kernel" in report, report
+    assert re.search(r"^0 packets dropped by kernel", report, re.M), report
 
     live_msgs = _by_process(delta, MSG, names)
     live_finds = _by_process(delta, FIND, names)
