@@ -25,7 +25,21 @@
 // * Untracked fds (sockets opened before the daemon started, inherited fds) that write data
 //   looking like HTTP emit at most one EV_UNKNOWN_FD per (tgid, fd); userspace checks /proc
 //   and adopts them by inserting into `conns`.
+// * TLS (OpenSSL): uprobes on SSL_write/SSL_read(_ex) stash (ssl, buffer) per thread; the
+//   uretprobes copy the plaintext the call really moved (ret > 0; the _ex byte count from the
+//   out-parameter) through the same tail-called copy chain, as EV_DATA records whose
+//   `tls_id` is the SSL pointer. The socket of an SSL object is learned from the socket
+//   syscall the thread makes while inside the SSL call (socket BIO: nginx, Python, curl),
+//   or, for memory BIOs (Node.js), from the ciphertext the same thread writes right after
+//   SSL_write or read right before SSL_read. Each new (ssl -> fd) binding is an EV_TLS_BIND
+//   event; once bound, the connection's directions are marked SNIFF_TLS and its ciphertext
+//   is no longer copied. Plaintext offsets count per SSL object, separate from the
+//   syscall offsets of the socket. SSL_ctrl(SSL_CTRL_SET_TLSEXT_HOSTNAME) gives the SNI
+//   (EV_TLS_SNI). sched_process_exec emits EV_EXEC so that userspace can attach the uprobes
+//   to new binaries that embed OpenSSL.
 // * Nothing here reads a kernel struct: only tracepoint arguments, user memory and helpers.
+
+#include <uapi/linux/ptrace.h>  // struct pt_regs of the uprobe programs (the uapi layout)
 
 #ifndef CHUNK_SIZE
 #define CHUNK_SIZE 8192
@@ -62,6 +76,9 @@
 #define EV_CLOSE 3
 #define EV_EXIT 4
 #define EV_UNKNOWN_FD 5
+#define EV_TLS_BIND 6
+#define EV_TLS_SNI 7
+#define EV_EXEC 8
 
 #define DIR_SEND 0
 #define DIR_RECV 1
@@ -85,6 +102,7 @@
 #define SNIFF_HTTP 1
 #define SNIFF_REJECTED 2
 #define SNIFF_RESYNC 3  // adopted mid-stream: copy syscalls only once one starts like HTTP
+#define SNIFF_TLS 4     // TLS: the plaintext comes from the SSL uprobes, ciphertext is not copied
 
 // stash kinds
 #define K_BUF 0
@@ -118,7 +136,13 @@
 #define C_TRUNCATED_SYSCALLS 9
 #define C_IGNORED 10
 #define C_STASH_FULL 11
-#define C_NCOUNTERS 12
+#define C_TLS_CALLS 12       // SSL_read/SSL_write calls reported (plaintext)
+#define C_TLS_UNBOUND 13     // ... of which the socket was not known yet at return
+#define C_TLS_CIPHERTEXT 14  // syscalls on TLS connections not copied (ciphertext)
+#define C_NCOUNTERS 15
+
+#define SSL_CTRL_SET_TLSEXT_HOSTNAME 55
+#define TLS_NAME_LEN 256
 
 struct ev_hdr {
     u8 kind;
@@ -139,6 +163,7 @@ struct data_ev {
     u64 skipped;    // bytes at the start not copied (skip-until)
     u32 chunk_off;  // offset of this record's bytes within the copied bytes
     u32 chunk_len;
+    u64 tls_id;     // TLS plaintext: the SSL object (never 0); 0 for socket syscalls
     u8 data[2 * CHUNK_SIZE];  // only [0, CHUNK_SIZE) is ever filled: the slack lets the
                               // verifier accept a masked length
 };
@@ -179,6 +204,7 @@ struct ctl_val {
     u64 skip_until[2];
     u32 flags;
     u32 pad;
+    u64 tls_skip_until[2];  // the same, in the plaintext offsets of a TLS connection
 };
 
 struct cfg {
@@ -205,6 +231,38 @@ struct data_args {
     u8 pad[2];
 };
 
+// TLS: per-thread SSL call in progress, per-SSL-object state, SNI/bind events
+struct tls_args {
+    u64 ssl;
+    u64 buf;
+    u64 exptr;  // SSL_*_ex: the size_t out-parameter
+    s32 fd;     // socket seen during the call (-1: none yet)
+    u8 dir;
+    u8 is_ex;
+    u8 pad[2];
+};
+
+struct ssl_key {
+    u32 tgid;
+    u32 pad;
+    u64 ssl;
+};
+
+struct ssl_val {
+    u64 offset[2];  // plaintext offsets [send, recv]
+    u64 cookie;     // the bound connection's cookie (an fd number is reused after close)
+    s32 fd;         // -1: not bound yet
+    u32 pad;
+};
+
+struct tls_ev {
+    struct ev_hdr h;
+    u64 ssl;
+    u32 len;  // EV_TLS_SNI: bytes in name
+    u32 pad;
+    char name[TLS_NAME_LEN];
+};
+
 // userspace ABI (not kernel structs): iovec, msghdr, mmsghdr as the C library lays them out
 struct u_iovec {
     u64 base;
@@ -222,6 +280,7 @@ _Static_assert(sizeof(struct conn_ev) == PY_SIZEOF_CONN_EV, "conn_ev differs fro
 _Static_assert(sizeof(struct conn_val) == PY_SIZEOF_CONN_VAL, "conn_val differs from Python");
 _Static_assert(sizeof(struct ctl_val) == PY_SIZEOF_CTL_VAL, "ctl_val differs from Python");
 _Static_assert(sizeof(struct cfg) == PY_SIZEOF_CFG, "cfg differs from Python");
+_Static_assert(sizeof(struct tls_ev) == PY_SIZEOF_TLS_EV, "tls_ev differs from Python");
 #endif
 _Static_assert(CHUNK_SIZE >= 64 && (CHUNK_SIZE & (CHUNK_SIZE - 1)) == 0, "CHUNK_SIZE: power of 2");
 _Static_assert(sizeof(struct data_ev) <= 32000, "per-CPU scratch too big: lower CHUNK_SIZE");
@@ -238,6 +297,11 @@ BPF_HASH(port_filter, u16, u8, 1024);
 BPF_ARRAY(config, struct cfg, 1);
 BPF_PERCPU_ARRAY(counters, u64, C_NCOUNTERS);
 BPF_PERCPU_ARRAY(scratch, struct data_ev, 1);
+BPF_HASH(tls_args, u32, struct tls_args, 65536);                // tid -> SSL call in progress
+BPF_TABLE("lru_hash", struct ssl_key, struct ssl_val, ssl_state, 65536);
+BPF_TABLE("lru_hash", u32, u64, tls_wait, 16384);               // tid -> ssl written, fd unknown
+BPF_TABLE("lru_hash", u32, s32, tls_lastrd, 16384);             // tid -> last ciphertext read fd
+BPF_PERCPU_ARRAY(tls_scratch, struct data_ev, 1);
 
 static __always_inline void count(u32 idx, u64 n) {
     u64 *v = counters.lookup(&idx);
@@ -391,6 +455,86 @@ static __always_inline int emit_simple(u8 kind, u64 id, s32 fd, u8 flags, u8 dir
 }
 
 // ---------------------------------------------------------------------------------------
+// TLS: binding SSL objects to sockets
+
+static __always_inline void tls_emit(u8 kind, u64 id, s32 fd, u64 ssl, u64 name_ptr) {
+    struct tls_ev *e = events.ringbuf_reserve(sizeof(struct tls_ev));
+    if (!e) {
+        count(C_RING_FULL, 1);
+        return;
+    }
+    fill_hdr(&e->h, kind, id, fd);
+    e->ssl = ssl;
+    e->len = 0;
+    e->pad = 0;
+    e->name[0] = 0;
+    if (name_ptr) {
+        long n = bpf_probe_read_user_str(e->name, sizeof(e->name), (void *)name_ptr);
+        e->len = n > 0 ? (u32)(n - 1) : 0;
+    }
+    events.ringbuf_submit(e, 0);
+    count(C_EVENTS, 1);
+}
+
+// (tgid, ssl) now talks through fd: record it, tell userspace once per change.
+static __always_inline void tls_bind(u64 id, u64 ssl, s32 fd, u64 cookie) {
+    struct ssl_key sk = {.tgid = id >> 32, .pad = 0, .ssl = ssl};
+    struct ssl_val *sv = ssl_state.lookup(&sk);
+    if (sv) {
+        if (sv->fd == fd && sv->cookie == cookie)
+            return;
+        sv->fd = fd;
+        sv->cookie = cookie;
+    } else {
+        struct ssl_val v = {};
+        v.fd = fd;
+        v.cookie = cookie;
+        ssl_state.update(&sk, &v);
+    }
+    tls_emit(EV_TLS_BIND, id, fd, ssl, 0);
+}
+
+static __always_inline void mark_tls(struct conn_val *cv) {
+    cv->d[0].sniff = SNIFF_TLS;
+    cv->d[1].sniff = SNIFF_TLS;
+}
+
+static __always_inline int is_cipher(u8 st) { return st == SNIFF_REJECTED || st == SNIFF_TLS; }
+
+// A socket syscall on a tracked connection. Returns 1 when it carries TLS ciphertext (the
+// caller then copies nothing).
+static __always_inline int tls_note(u64 id, s32 fd, struct conn_val *cv, u8 dir) {
+    u32 tid = (u32)id;
+    struct tls_args *t = tls_args.lookup(&tid);
+    if (t) {
+        // Inside SSL_read/SSL_write on this thread: this is the SSL object's socket.
+        if (t->fd != fd) {
+            t->fd = fd;
+            tls_bind(id, t->ssl, fd, cv->cookie);
+        }
+        mark_tls(cv);
+        return 1;
+    }
+    if (dir == DIR_SEND) {
+        // Memory BIO (Node.js): the ciphertext of an SSL_write is written right after it.
+        u64 *w = tls_wait.lookup(&tid);
+        if (w) {
+            u64 ssl = *w;
+            tls_wait.delete(&tid);
+            if (is_cipher(cv->d[0].sniff)) {
+                tls_bind(id, ssl, fd, cv->cookie);
+                mark_tls(cv);
+            }
+        }
+        return cv->d[0].sniff == SNIFF_TLS;
+    }
+    // Memory BIO: the ciphertext an SSL_read decrypts was read just before, same thread.
+    if (is_cipher(cv->d[1].sniff))
+        tls_lastrd.update(&tid, &fd);
+    return cv->d[1].sniff == SNIFF_TLS;
+}
+
+// ---------------------------------------------------------------------------------------
 // connect / accept / accept4
 
 static __always_inline int conn_enter(s32 fd, u64 addr, u64 addrlen, u8 role) {
@@ -519,6 +663,10 @@ TRACEPOINT_PROBE(syscalls, sys_enter_close) {
 
 TRACEPOINT_PROBE(sched, sched_process_exit) {
     u64 id = bpf_get_current_pid_tgid();
+    u32 tid = (u32)id;
+    tls_args.delete(&tid);
+    tls_wait.delete(&tid);
+    tls_lastrd.delete(&tid);
 #if HAVE_GROUP_DEAD
     if (!args->group_dead)
         return 0;
@@ -530,6 +678,16 @@ TRACEPOINT_PROBE(sched, sched_process_exit) {
     if (!c || (id >> 32) == c->self_tgid)
         return 0;
     emit_simple(EV_EXIT, id, -1, 0, 0);
+    return 0;
+}
+
+// A new program image: userspace checks it for an embedded OpenSSL to attach to.
+TRACEPOINT_PROBE(sched, sched_process_exec) {
+    u64 id = bpf_get_current_pid_tgid();
+    struct cfg *c = get_cfg();
+    if (!c || (id >> 32) == c->self_tgid)
+        return 0;
+    emit_simple(EV_EXEC, id, -1, 0, 0);
     return 0;
 }
 
@@ -596,6 +754,10 @@ static __always_inline int data_enter(s32 fd, u64 ptr, u64 cnt, u8 kind, u8 dir)
     if (!cv) {
         if (dir == DIR_SEND && kind != K_NONE)
             unknown_check(c, &k, id, ptr, cnt, kind);
+        return 0;
+    }
+    if (tls_note(id, fd, cv, dir)) {
+        count(C_TLS_CIPHERTEXT, 1);
         return 0;
     }
     if (task_filtered(c, k.tgid) || port_filtered(c, cv->port)) {
@@ -778,12 +940,8 @@ static __always_inline void copy_finish(volatile struct cursor *s, struct data_e
     }
 }
 
-int copy_step(void *ctx) {
-    u32 zero = 0;
-    struct data_ev *ev = scratch.lookup(&zero);
-    volatile struct cursor *s = cursors.lookup(&zero);
-    if (!ev || !s)
-        return 0;
+// One step of the copy chain: up to STEP_ITERS cursor moves.
+static __always_inline void copy_loop(struct data_ev *ev, volatile struct cursor *s) {
     u8 kind = s->kind;
 #pragma clang loop unroll(disable)
     for (int i = 0; i < STEP_ITERS; i++) {
@@ -877,10 +1035,40 @@ int copy_step(void *ctx) {
         s->msg_left -= n;
         s->remaining = rem - n;
     }
+}
+
+int copy_step(void *ctx) {
+    u32 zero = 0;
+    struct data_ev *ev = scratch.lookup(&zero);
+    volatile struct cursor *s = cursors.lookup(&zero);
+    if (!ev || !s)
+        return 0;
+    copy_loop(ev, s);
     if (s->stop == 0 && s->calls < MAX_CALLS) {
         s->calls += 1;
         copy_jmp.call(ctx, 0);
         // the tail call failed (chain limit): what is left is a gap
+    }
+    copy_finish(s, ev);
+    return 0;
+}
+
+// The same chain for the uprobe programs (a tail call keeps the program type, and the TLS
+// path has its own per-CPU scratch and cursor so that it never shares them with a
+// syscall's copy).
+BPF_PERCPU_ARRAY(tls_cursors, struct cursor, 1);
+BPF_PROG_ARRAY(tls_jmp, 1);
+
+int copy_step_tls(struct pt_regs *ctx) {
+    u32 zero = 0;
+    struct data_ev *ev = tls_scratch.lookup(&zero);
+    volatile struct cursor *s = tls_cursors.lookup(&zero);
+    if (!ev || !s)
+        return 0;
+    copy_loop(ev, s);
+    if (s->stop == 0 && s->calls < MAX_CALLS) {
+        s->calls += 1;
+        tls_jmp.call(ctx, 0);
     }
     copy_finish(s, ev);
     return 0;
@@ -952,6 +1140,7 @@ static __always_inline int data_exit(void *ctx, long ret, const u8 kind) {
     ev->skipped = skip;
     ev->chunk_off = 0;
     ev->chunk_len = 0;
+    ev->tls_id = 0;
 
     s->cur = cur;
     s->cur_left = cur_left;
@@ -1025,3 +1214,191 @@ TRACEPOINT_PROBE(syscalls, sys_enter_recvmmsg) {
     return data_enter((s32)args->fd, (u64)args->mmsg, args->vlen, K_MMSG, DIR_RECV);
 }
 TRACEPOINT_PROBE(syscalls, sys_exit_recvmmsg) { return data_exit(args, args->ret, K_MMSG); }
+
+// ---------------------------------------------------------------------------------------
+// TLS: OpenSSL uprobes (attached by userspace to every libssl and every binary that
+// exports SSL_* itself)
+
+static __always_inline int ssl_enter(struct pt_regs *ctx, u8 dir, u8 is_ex) {
+    u64 id = bpf_get_current_pid_tgid();
+    struct cfg *c = get_cfg();
+    if (!c || task_filtered(c, id >> 32))
+        return 0;
+    struct tls_args a = {};
+    a.ssl = PT_REGS_PARM1(ctx);
+    a.buf = PT_REGS_PARM2(ctx);
+    a.exptr = is_ex ? PT_REGS_PARM4(ctx) : 0;
+    a.fd = -1;
+    a.dir = dir;
+    a.is_ex = is_ex;
+    u32 tid = (u32)id;
+    if (tls_args.update(&tid, &a) != 0)
+        count(C_STASH_FULL, 1);
+    return 0;
+}
+
+static __always_inline int ssl_exit(struct pt_regs *ctx) {
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tid = (u32)id;
+    struct tls_args *ap = tls_args.lookup(&tid);
+    if (!ap)
+        return 0;
+    struct tls_args a = *ap;
+    tls_args.delete(&tid);
+    long ret = PT_REGS_RC(ctx);
+    u64 total = 0;
+    if (a.is_ex) {
+        // SSL_read_ex/SSL_write_ex: 1 on success, the byte count in the out-parameter
+        if ((int)ret != 1 || !a.exptr || bpf_probe_read_user(&total, 8, (void *)a.exptr))
+            return 0;
+    } else {
+        if ((int)ret <= 0)  // retries before the handshake ends, WANT_READ, errors
+            return 0;
+        total = (u64)(int)ret;
+    }
+    if (total == 0)
+        return 0;
+    struct cfg *c = get_cfg();
+    u32 zero = 0;
+    struct data_ev *ev = tls_scratch.lookup(&zero);
+    volatile struct cursor *s = tls_cursors.lookup(&zero);
+    if (!c || !ev || !s)
+        return 0;
+    u32 tgid = id >> 32;
+    u8 dir = a.dir == DIR_SEND ? DIR_SEND : DIR_RECV;
+    struct ssl_key sk = {.tgid = tgid, .pad = 0, .ssl = a.ssl};
+    struct ssl_val *sv = ssl_state.lookup(&sk);
+    if (!sv) {
+        struct ssl_val v = {};
+        v.fd = -1;
+        ssl_state.update(&sk, &v);
+        sv = ssl_state.lookup(&sk);
+        if (!sv)
+            return 0;
+    }
+    struct conn_val *cv = NULL;
+    struct conn_key k = {.tgid = tgid, .fd = sv->fd};
+    if (sv->fd >= 0) {
+        cv = conns.lookup(&k);
+        if (!cv || cv->cookie != sv->cookie) {
+            sv->fd = -1;  // that connection is gone: this SSL object was reused
+            cv = NULL;
+        }
+    }
+    if (sv->fd < 0) {
+        if (dir == DIR_RECV) {
+            s32 *lr = tls_lastrd.lookup(&tid);
+            if (lr) {
+                k.fd = *lr;
+                cv = conns.lookup(&k);
+                if (cv)
+                    tls_bind(id, a.ssl, k.fd, cv->cookie);
+            }
+        } else {
+            tls_wait.update(&tid, &a.ssl);
+        }
+    }
+    s32 fd = sv->fd;
+    u64 skip_until = 0;
+    u8 role = 0;
+    if (fd >= 0) {
+        k.fd = fd;
+        if (cv) {
+            if (port_filtered(c, cv->port)) {
+                count(C_FILTERED, 1);
+                return 0;
+            }
+            mark_tls(cv);
+            role = cv->role;
+            struct ctl_val *cl = ctl.lookup(&k);
+            if (cl && cl->cookie == cv->cookie) {
+                if (cl->flags & CTL_IGNORE) {
+                    count(C_IGNORED, 1);
+                    return 0;
+                }
+                skip_until = dir == DIR_SEND ? cl->tls_skip_until[0] : cl->tls_skip_until[1];
+            }
+        }
+    } else {
+        count(C_TLS_UNBOUND, 1);
+    }
+    u64 offset = dir == DIR_SEND ? sv->offset[0] : sv->offset[1];
+    if (dir == DIR_SEND)
+        sv->offset[0] = offset + total;
+    else
+        sv->offset[1] = offset + total;
+    count(C_TLS_CALLS, 1);
+    u64 skip = 0;
+    if (skip_until > offset)
+        skip = skip_until - offset;
+    if (skip > total)
+        skip = total;
+    u64 cap = c->cap;
+    if (cap > MAX_CAP)
+        cap = MAX_CAP;
+    if (cap > total - skip)
+        cap = total - skip;
+
+    fill_hdr(&ev->h, EV_DATA, id, fd);
+    ev->h.dir = dir;
+    ev->h.role = role;
+    ev->h.flags = 0;
+    ev->total_len = total;
+    ev->offset = offset;
+    ev->skipped = skip;
+    ev->chunk_off = 0;
+    ev->chunk_len = 0;
+    ev->tls_id = a.ssl;
+
+    s->cur = a.buf;
+    s->cur_left = total;
+    s->msg_left = total;
+    s->iov_ptr = 0;
+    s->iov_n = 0;
+    s->iov_i = 0;
+    s->msg_ptr = 0;
+    s->msg_n = 0;
+    s->msg_i = 0;
+    s->remaining = total;
+    s->skip_left = skip;
+    s->cap_left = cap;
+    s->copied = 0;
+    s->len = 0;
+    s->total = total;
+    s->skip = skip;
+    s->calls = 0;
+    s->kind = K_BUF;
+    s->stop = 0;
+    s->last_sent = 0;
+    tls_jmp.call(ctx, 0);
+    s->stop = 1;
+    copy_finish(s, ev);
+    return 0;
+}
+
+int ssl_write_enter(struct pt_regs *ctx) { return ssl_enter(ctx, DIR_SEND, 0); }
+int ssl_write_ex_enter(struct pt_regs *ctx) { return ssl_enter(ctx, DIR_SEND, 1); }
+int ssl_read_enter(struct pt_regs *ctx) { return ssl_enter(ctx, DIR_RECV, 0); }
+int ssl_read_ex_enter(struct pt_regs *ctx) { return ssl_enter(ctx, DIR_RECV, 1); }
+int ssl_return(struct pt_regs *ctx) { return ssl_exit(ctx); }
+
+// SSL_ctrl(ssl, SSL_CTRL_SET_TLSEXT_HOSTNAME, TLSEXT_NAMETYPE_host_name, name): the SNI a
+// client is about to send (SSL_set_tlsext_host_name is a macro over it).
+int ssl_ctrl_enter(struct pt_regs *ctx) {
+    if ((int)PT_REGS_PARM2(ctx) != SSL_CTRL_SET_TLSEXT_HOSTNAME)
+        return 0;
+    u64 name = PT_REGS_PARM4(ctx);
+    if (!name)
+        return 0;
+    u64 id = bpf_get_current_pid_tgid();
+    struct cfg *c = get_cfg();
+    if (!c || task_filtered(c, id >> 32))
+        return 0;
+    u64 ssl = PT_REGS_PARM1(ctx);
+    struct ssl_key sk = {.tgid = id >> 32, .pad = 0, .ssl = ssl};
+    struct ssl_val *sv = ssl_state.lookup(&sk);
+    if (sv)
+        sv->fd = -1;  // a name is set before a handshake: a new session, bind it anew
+    tls_emit(EV_TLS_SNI, id, -1, ssl, name);
+    return 0;
+}

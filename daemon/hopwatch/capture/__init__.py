@@ -13,6 +13,7 @@ from hopwatch.capture._types import (
     LostEvents,
     ProcessExited,
     SockAddr,
+    TlsServerName,
     UnknownFd,
 )
 
@@ -30,6 +31,7 @@ __all__ = [
     "LostEvents",
     "ProcessExited",
     "SockAddr",
+    "TlsServerName",
     "UnknownFd",
 ]
 

@@ -17,6 +17,7 @@ __all__ = [
     "LostEvents",
     "ProcessExited",
     "SockAddr",
+    "TlsServerName",
     "UnknownFd",
 ]
 
@@ -127,4 +128,20 @@ class UnknownFd:
     comm: str = ""
 
 
-CaptureEvent = DataChunk | ConnOpened | ConnClosed | ProcessExited | LostEvents | UnknownFd
+@dataclass(frozen=True, slots=True)
+class TlsServerName:
+    """The server name (SNI) a TLS client set for the session on this connection.
+
+    Emitted before the first plaintext ``DataChunk`` (``tls=True``) of that session, so a
+    consumer can judge the destination by the name the client asked for.
+    """
+
+    tgid: int
+    fd: int
+    server_name: str  # lowercase, no trailing dot
+    ts_ns: int
+
+
+CaptureEvent = (
+    DataChunk | ConnOpened | ConnClosed | ProcessExited | LostEvents | UnknownFd | TlsServerName
+)

@@ -11,12 +11,22 @@ interleave in the ring, but the records of one thread arrive in order, so pendin
 are keyed by tid. Output keeps the ring's order: every event takes a slot when its first
 record arrives, and a slot is released only once its syscall is complete (its last record
 arrived, another syscall of the same thread started, or it went stale after a drop).
+
+TLS: the kernel reports OpenSSL plaintext as data records whose ``tls_id`` is the SSL
+object, with the socket fd once it knows it (see ``bpf/capture.c``). A memory-BIO peer
+(Node.js) may return from SSL_read/SSL_write before its socket shows up; such chunks are
+held here, per (tgid, ssl), until the binding event arrives, then released in order (a bound
+chunk never waits). The SNI a client set (SSL_ctrl) becomes a ``TlsServerName`` event
+emitted just before the first plaintext of that SSL object on its socket. The uprobes are
+attached to every OpenSSL found by :mod:`hopwatch.tls` at open, for every new program image
+(exec events) and on a periodic rescan of ``/proc/*/maps`` (libraries loaded later).
 """
 
 from __future__ import annotations
 
 import collections
 import ctypes as ct
+import dataclasses
 import logging
 import os
 import socket
@@ -36,9 +46,11 @@ from hopwatch.capture._types import (
     LostEvents,
     ProcessExited,
     SockAddr,
+    TlsServerName,
     UnknownFd,
 )
 from hopwatch.kernel import KernelError, prepare_kernel
+from hopwatch.tls import SslFinder, SslTarget
 
 __all__ = ["BPF_SOURCE", "CaptureConfig", "LiveCapture"]
 
@@ -61,11 +73,13 @@ BPF_SOURCE = _find_source()
 # --- ABI shared with bpf/capture.c (sizes checked by _Static_assert at compile time) -------
 
 EV_DATA, EV_OPEN, EV_CLOSE, EV_EXIT, EV_UNKNOWN_FD = 1, 2, 3, 4, 5
+EV_TLS_BIND, EV_TLS_SNI, EV_EXEC = 6, 7, 8
+TLS_NAME_LEN = 256
 DF_FIRST, DF_LAST, DF_NODATA = 1, 2, 4
 ROLE_NAMES = {0: "", 1: "client", 2: "server"}
 ROLE_CODES = {"client": 1, "server": 2}
 HINT_ROLES = {1: "client", 2: "server", 3: ""}
-SNIFF_PENDING, SNIFF_HTTP, SNIFF_REJECTED, SNIFF_RESYNC = 0, 1, 2, 3
+SNIFF_PENDING, SNIFF_HTTP, SNIFF_REJECTED, SNIFF_RESYNC, SNIFF_TLS = 0, 1, 2, 3, 4
 CF_PID_INCLUDE, CF_PID_ANY, CF_CG_INCLUDE, CF_CG_ANY, CF_PORT_ANY = 1, 2, 4, 8, 16
 FILTER_INCLUDE, FILTER_EXCLUDE = 1, 2
 CTL_IGNORE = 1
@@ -85,7 +99,19 @@ COUNTERS = (
     "truncated_syscalls",
     "ignored",
     "stash_full",
+    "tls_calls",
+    "tls_unbound",
+    "tls_ciphertext",
 )
+
+# uprobe program per OpenSSL function: (entry program, return program)
+TLS_PROBES = {
+    "SSL_write": (b"ssl_write_enter", b"ssl_return"),
+    "SSL_write_ex": (b"ssl_write_ex_enter", b"ssl_return"),
+    "SSL_read": (b"ssl_read_enter", b"ssl_return"),
+    "SSL_read_ex": (b"ssl_read_ex_enter", b"ssl_return"),
+    "SSL_ctrl": (b"ssl_ctrl_enter", b""),
+}
 
 
 class EvHdr(ct.Structure):
@@ -110,6 +136,7 @@ class DataHdr(ct.Structure):
         ("skipped", ct.c_uint64),
         ("chunk_off", ct.c_uint32),
         ("chunk_len", ct.c_uint32),
+        ("tls_id", ct.c_uint64),
     ]
 
 
@@ -155,6 +182,17 @@ class CtlVal(ct.Structure):
         ("skip_until", ct.c_uint64 * 2),
         ("flags", ct.c_uint32),
         ("pad", ct.c_uint32),
+        ("tls_skip_until", ct.c_uint64 * 2),
+    ]
+
+
+class TlsEv(ct.Structure):
+    _fields_ = [
+        ("h", EvHdr),
+        ("ssl", ct.c_uint64),
+        ("len", ct.c_uint32),
+        ("pad", ct.c_uint32),
+        ("name", ct.c_char * TLS_NAME_LEN),
     ]
 
 
@@ -163,11 +201,13 @@ class Cfg(ct.Structure):
 
 
 _HDR = struct.Struct("<BBBBiIIQ16s")
-_DATA = struct.Struct("<QQQII")
+_DATA = struct.Struct("<QQQIIQ")
 _CONN = struct.Struct("<HHI16sQ")
+_TLS = struct.Struct("<QII")
 assert _HDR.size == ct.sizeof(EvHdr)
 assert _HDR.size + _DATA.size == ct.sizeof(DataHdr)
 assert _HDR.size + _CONN.size == ct.sizeof(ConnEv)
+assert _HDR.size + _TLS.size + TLS_NAME_LEN == ct.sizeof(TlsEv)
 
 _SIZE_CFLAGS = [
     f"-DPY_SIZEOF_EV_HDR={ct.sizeof(EvHdr)}",
@@ -176,6 +216,7 @@ _SIZE_CFLAGS = [
     f"-DPY_SIZEOF_CONN_VAL={ct.sizeof(ConnVal)}",
     f"-DPY_SIZEOF_CTL_VAL={ct.sizeof(CtlVal)}",
     f"-DPY_SIZEOF_CFG={ct.sizeof(Cfg)}",
+    f"-DPY_SIZEOF_TLS_EV={ct.sizeof(TlsEv)}",
 ]
 
 
@@ -190,6 +231,10 @@ class CaptureConfig:
     conn_max: int = 65536  # tracked connections
     exclude_self: bool = True
     stale_after_s: float = 1.0  # an incomplete syscall is flushed after this long
+    tls: bool = True  # attach the OpenSSL uprobes
+    tls_rescan_s: float = 30.0  # rescan /proc/*/maps for OpenSSL loaded later
+    tls_hold_s: float = 5.0  # plaintext whose socket stays unknown this long is dropped
+    tls_hold_max: int = 1024  # plaintext chunks held while their socket is unknown
 
 
 @dataclass(slots=True)
@@ -203,6 +248,15 @@ class _Pending:
     broken: bool = False
     event: DataChunk | None = None
     arrived: float = 0.0
+    ssl: int = 0  # TLS plaintext: the SSL object
+
+
+@dataclass(frozen=True, slots=True)
+class _TlsMark:
+    """Slot: (tgid, ssl) got a socket (or a server name): release what waited for it."""
+
+    tgid: int
+    ssl: int
 
 
 def _comm(raw: bytes) -> str:
@@ -276,6 +330,16 @@ class LiveCapture:
         self._cg_filter: dict[int, int] = {}
         self._ports: set[int] = set()
         self._next_cookie = 1 << 63
+        # TLS: (tgid, ssl) -> fd, server name waiting for the socket, held plaintext
+        self._tls_fd: dict[tuple[int, int], int] = {}
+        self._tls_sni: dict[tuple[int, int], str] = {}
+        self._tls_held: dict[tuple[int, int], list[tuple[float, DataChunk]]] = {}
+        self._tls_held_n = 0
+        self._tls_stats = {"tls_unbound_dropped": 0, "tls_targets": 0, "tls_attach_failed": 0}
+        self._tls_finder = SslFinder()
+        self._tls_targets: list[SslTarget] = []
+        self._exec_pids: list[int] = []
+        self._next_rescan = 0.0
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -325,7 +389,9 @@ class LiveCapture:
         try:
             with cap:
                 step = bpf.load_func(b"copy_step", BPF.TRACEPOINT)
+                step_tls = bpf.load_func(b"copy_step_tls", BPF.KPROBE)
             bpf[b"copy_jmp"][ct.c_int(0)] = ct.c_int(step.fd)
+            bpf[b"tls_jmp"][ct.c_int(0)] = ct.c_int(step_tls.fd)
             self._bpf = bpf
             self._write_cfg(exclude_self=cfg.exclude_self)
             bpf[b"events"].open_ring_buffer(self._on_record)
@@ -333,6 +399,16 @@ class LiveCapture:
             bpf.cleanup()
             self._bpf = None
             raise self._load_error(exc, cap.text) from exc
+        if cfg.tls:
+            t1 = time.monotonic()
+            self.attach_tls(self._tls_finder.scan_disk() + self._tls_finder.scan_processes())
+            self._next_rescan = time.monotonic() + cfg.tls_rescan_s
+            log.info(
+                "TLS: uprobes on %d OpenSSL copies in %.2fs: %s",
+                len(self._tls_targets),
+                time.monotonic() - t1,
+                ", ".join(t.display for t in self._tls_targets) or "none found",
+            )
         log.info(
             "capture loaded in %.2fs (headers %s, ring %d pages)",
             time.monotonic() - t0,
@@ -371,6 +447,53 @@ class LiveCapture:
         bpf, self._bpf = self._bpf, None
         if bpf is not None:
             bpf.cleanup()
+
+    # -- TLS ---------------------------------------------------------------------------
+
+    @property
+    def tls_targets(self) -> list[SslTarget]:
+        """The OpenSSL copies the uprobes are attached to."""
+        return list(self._tls_targets)
+
+    def attach_tls(self, targets: list[SslTarget]) -> int:
+        """Attach the SSL uprobes to each target (a file: every process mapping it, now or
+        later). Returns how many targets were attached."""
+        bpf = self._require()
+        done = 0
+        for target in targets:
+            path = target.path.encode()
+            try:
+                for func, (enter, ret) in TLS_PROBES.items():
+                    addr = target.symbols.get(func)
+                    if addr is None:
+                        continue
+                    bpf.attach_uprobe(name=path, addr=addr, fn_name=enter)
+                    if ret:
+                        bpf.attach_uretprobe(name=path, addr=addr, fn_name=ret)
+            except Exception as exc:  # a vanished file, a uprobe refused: the rest still go
+                self._tls_stats["tls_attach_failed"] += 1
+                log.warning("TLS: cannot attach to %s: %s", target.display, exc)
+                continue
+            self._tls_targets.append(target)
+            self._tls_stats["tls_targets"] = len(self._tls_targets)
+            done += 1
+            log.debug("TLS: attached to %s", target.display)
+        return done
+
+    def _tls_scan(self) -> None:
+        """New program images (exec events) now, every process's maps periodically."""
+        found: list[SslTarget] = []
+        if self._exec_pids:
+            pids, self._exec_pids = self._exec_pids, []
+            for pid in dict.fromkeys(pids):
+                found += self._tls_finder.scan_pid(pid)
+        now = time.monotonic()
+        if now >= self._next_rescan:
+            self._next_rescan = now + self.config.tls_rescan_s
+            found += self._tls_finder.scan_processes()
+        if found:
+            n = self.attach_tls(found)
+            log.info("TLS: attached to %d more: %s", n, ", ".join(t.display for t in found))
 
     # -- runtime settings (map updates) -----------------------------------------------
 
@@ -451,16 +574,20 @@ class LiveCapture:
             self._ctl[(tgid, fd)] = ctl
         return ctl
 
-    def set_skip_until(self, tgid: int, fd: int, direction: Direction, offset: int) -> bool:
+    def set_skip_until(
+        self, tgid: int, fd: int, direction: Direction, offset: int, *, tls: bool = False
+    ) -> bool:
         """Do not copy bytes of this direction below absolute ``offset``.
 
-        Offsets are those of :attr:`DataChunk.offset`. Returns False when the connection is
-        unknown (closed, or never seen).
+        Offsets are those of :attr:`DataChunk.offset`; ``tls`` selects the plaintext offsets
+        of a TLS connection. Returns False when the connection is unknown (closed, or never
+        seen).
         """
         ctl = self._ctl_for(tgid, fd)
         if ctl is None:
             return False
-        ctl.skip_until[0 if direction is Direction.SEND else 1] = max(0, offset)
+        target = ctl.tls_skip_until if tls else ctl.skip_until
+        target[0 if direction is Direction.SEND else 1] = max(0, offset)
         self._require()[b"ctl"][ConnKey(tgid, fd)] = ctl
         return True
 
@@ -509,6 +636,8 @@ class LiveCapture:
         out = {name: int(t.sum(ct.c_int(i)).value) for i, name in enumerate(COUNTERS)}
         out.update(self._user_stats)
         out["connections"] = len(self._cookies)
+        out.update(self._tls_stats)
+        out["tls_held"] = self._tls_held_n
         return out
 
     # -- events ------------------------------------------------------------------------
@@ -532,12 +661,71 @@ class LiveCapture:
             if isinstance(head, _Pending):
                 if head.event is None:
                     break
-                out.append(head.event)
+                if head.ssl:
+                    self._tls_out(head.ssl, head.event, out)
+                else:
+                    out.append(head.event)
+            elif isinstance(head, _TlsMark):
+                self._tls_release(head.tgid, head.ssl, out)
             else:
+                if isinstance(head, ProcessExited) and (
+                    self._tls_fd or self._tls_sni or self._tls_held
+                ):
+                    self._tls_forget(head.tgid)
                 out.append(head)
             slots.popleft()
         out.extend(self._lost())
+        if self.config.tls and (self._exec_pids or time.monotonic() >= self._next_rescan):
+            self._tls_scan()
         return out
+
+    def _tls_out(self, ssl: int, ev: DataChunk, out: list[CaptureEvent]) -> None:
+        """A TLS plaintext chunk leaves the adapter once its socket is known."""
+        key = (ev.tgid, ssl)
+        fd = ev.fd if ev.fd >= 0 else self._tls_fd.get(key, -1)
+        if fd < 0:
+            self._tls_held.setdefault(key, []).append((time.monotonic(), ev))
+            self._tls_held_n += 1
+            while self._tls_held_n > self.config.tls_hold_max:
+                oldest = next(iter(self._tls_held))
+                self._drop_held(oldest)
+            return
+        self._tls_fd[key] = fd
+        self._server_name(key, fd, ev.ts_ns, out)
+        out.append(ev if ev.fd == fd else dataclasses.replace(ev, fd=fd))
+
+    def _tls_release(self, tgid: int, ssl: int, out: list[CaptureEvent]) -> None:
+        key = (tgid, ssl)
+        fd = self._tls_fd.get(key, -1)
+        if fd < 0:
+            return
+        held = self._tls_held.pop(key, None)
+        if held:
+            self._tls_held_n -= len(held)
+            self._server_name(key, fd, held[0][1].ts_ns, out)
+            out.extend(dataclasses.replace(ev, fd=fd) for _t, ev in held)
+
+    def _server_name(self, key: tuple[int, int], fd: int, ts: int, out: list[CaptureEvent]) -> None:
+        name = self._tls_sni.pop(key, None)
+        if name is not None:
+            out.append(TlsServerName(key[0], fd, name, ts))
+
+    def _drop_held(self, key: tuple[int, int]) -> None:
+        held = self._tls_held.pop(key, [])
+        self._tls_held_n -= len(held)
+        self._tls_stats["tls_unbound_dropped"] += len(held)
+
+    def _tls_forget(self, tgid: int) -> None:
+        for table in (self._tls_fd, self._tls_sni):
+            for key in [k for k in table if k[0] == tgid]:
+                del table[key]
+        for key in [k for k in self._tls_held if k[0] == tgid]:
+            self._drop_held(key)
+
+    def _tls_bound(self, key: tuple[int, int], fd: int) -> None:
+        self._tls_fd[key] = fd
+        if len(self._tls_fd) > 65536:
+            del self._tls_fd[next(iter(self._tls_fd))]
 
     def _lost(self) -> list[LostEvents]:
         t = self._require()[b"counters"]
@@ -569,7 +757,22 @@ class LiveCapture:
             for fd_ in list(self._by_tgid.get(tgid, ())):
                 self._forget(tgid, fd_, delete=True)
             self._by_tgid.pop(tgid, None)
-            self._slots.append(ProcessExited(tgid, ts))
+            self._slots.append(ProcessExited(tgid, ts))  # TLS state: forgotten when it leaves
+        elif kind == EV_TLS_BIND:
+            ssl = _TLS.unpack_from(rec, _HDR.size)[0]
+            self._tls_bound((tgid, ssl), fd)
+            self._slots.append(_TlsMark(tgid, ssl))
+        elif kind == EV_TLS_SNI:
+            ssl, n, _pad = _TLS.unpack_from(rec, _HDR.size)
+            start = _HDR.size + _TLS.size
+            name = rec[start : start + min(n, TLS_NAME_LEN)].decode("ascii", "replace")
+            # A name is set before a handshake: the SSL object starts a new session.
+            self._tls_fd.pop((tgid, ssl), None)
+            self._tls_sni[(tgid, ssl)] = name.lower().rstrip(".")
+            if len(self._tls_sni) > 65536:
+                del self._tls_sni[next(iter(self._tls_sni))]
+        elif kind == EV_EXEC:
+            self._exec_pids.append(tgid)
         elif kind == EV_UNKNOWN_FD:
             self._slots.append(
                 UnknownFd(tgid, tid, fd, Direction.SEND if d == 0 else Direction.RECV,
@@ -591,7 +794,7 @@ class LiveCapture:
                     pass
 
     def _data(self, rec: bytes, hdr: tuple[Any, ...]) -> None:
-        total, offset, skipped, chunk_off, chunk_len = _DATA.unpack_from(rec, _HDR.size)
+        total, offset, skipped, chunk_off, chunk_len, ssl = _DATA.unpack_from(rec, _HDR.size)
         flags, tid, ts = hdr[2], hdr[6], hdr[7]
         body = rec[_HDR.size + _DATA.size : _HDR.size + _DATA.size + chunk_len]
         cur = self._pending.get(tid)
@@ -600,7 +803,7 @@ class LiveCapture:
             self._complete(tid, cur[1], incomplete=True)
             cur = None
         if cur is None:
-            p = _Pending(hdr, total, offset, skipped, arrived=time.monotonic())
+            p = _Pending(hdr, total, offset, skipped, arrived=time.monotonic(), ssl=ssl)
             self._slots.append(p)
             self._pending[tid] = (ts, p)
             if not flags & DF_FIRST or chunk_off != 0:
@@ -631,11 +834,16 @@ class LiveCapture:
             total_len=p.total_len,
             data=b"".join(p.parts),
             skipped=p.skipped,
+            tls=p.ssl != 0,
             comm=_comm(comm),
             offset=p.offset,
         )
 
     def _flush_stale(self) -> None:
+        if self._tls_held:
+            hold_limit = time.monotonic() - self.config.tls_hold_s
+            for key in [k for k, v in self._tls_held.items() if v[0][0] < hold_limit]:
+                self._drop_held(key)
         if not self._pending:
             return
         limit = time.monotonic() - self.config.stale_after_s
