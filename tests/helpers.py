@@ -90,11 +90,15 @@ def scrape(addr: str) -> Snapshot:
 class Daemon:
     """A real `hopwatch run` subprocess (the console script, as an operator starts it)."""
 
-    def __init__(self, tmp: Path, config: str | None = None) -> None:
+    def __init__(self, tmp: Path, config: str | None = None, name: str = "hopwatch") -> None:
         self.port = free_port()
         self.addr = f"127.0.0.1:{self.port}"
         self.log = tmp / "hopwatch.log"
-        args = [str(HOPWATCH), "run", "--metrics-addr", self.addr]
+        # Started through a symlink named `name`: its comm, so tests can tell this daemon
+        # from any other hopwatch on the machine.
+        exe = named(tmp, name, str(HOPWATCH)) if name != "hopwatch" else str(HOPWATCH)
+        self.name = name
+        args = [exe, "run", "--metrics-addr", self.addr]
         if config is not None:
             cfg = tmp / "hopwatch.toml"
             cfg.write_text(config)

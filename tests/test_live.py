@@ -613,6 +613,12 @@ def test_self_metrics_present(daemon: Daemon) -> None:
     assert os.path.exists(f"/proc/{daemon.proc.pid}")
 
 
-def test_daemon_excludes_its_own_traffic(daemon: Daemon) -> None:
-    delta = traffic(daemon, lambda: [daemon.scrape() for _ in range(5)])
-    assert counts(delta, "hopwatch") == {}
+def test_daemon_excludes_its_own_traffic(daemon: Daemon, tmp_path: Path) -> None:
+    scraper = named(tmp_path, "t_scraper", "curl")
+    url = f"http://{daemon.addr}/metrics"
+    delta = traffic(
+        daemon, lambda: [run([scraper, "-sf", "-o", "/dev/null", url]) for _ in range(5)]
+    )
+    # The scraper's side is seen; the daemon's own side of the same requests is not.
+    assert counts(delta, "t_scraper") == exchange("c", "s", "http1", 0, 5)["c"]
+    assert counts(delta, daemon.name) == {}
