@@ -97,6 +97,7 @@ class Connection:
     inode: int = 0  # socket inode when known (0: unknown)
     resolved: bool = False  # /proc resolution was attempted (its result is cached)
     state: object | None = None
+    sni: str | None = None  # TLS: the server name the client set (SNI), once known
 
     @property
     def key(self) -> tuple[int, int]:

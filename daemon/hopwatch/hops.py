@@ -125,7 +125,8 @@ class FindingSink(Protocol):
 class Destination:
     """Where an outbound request goes, as far as the allowlist is concerned.
 
-    ``via`` says how it was found: ``direct`` (peer address, and the Host/:authority name),
+    ``via`` says how it was found: ``direct`` (peer address, and the TLS server name, else the
+    Host/:authority name),
     ``proxy`` (absolute-form target through a forward proxy), ``connect`` (a CONNECT
     request) or ``tunnel`` (a request inside a CONNECT tunnel). For the last three the
     proxy's address is irrelevant: only ``host``/``port`` (the named target) are judged.
@@ -215,8 +216,11 @@ def destination_of(obs: Observation, tunnel: Destination | None = None) -> Desti
     named = True
     if msg.authority:
         host, port = _split_authority(msg.authority)
-        if port is None and peer is not None:
-            port, named = peer.port, False  # the port the request really went to
+    if obs.sni and host != obs.sni and not _is_ip(obs.sni):
+        # TLS: the name the client asked the handshake for beats what the request says.
+        host, port = obs.sni, None
+    if (msg.authority or host) and port is None and peer is not None:
+        port, named = peer.port, False  # the port the request really went to
     return Destination(
         "direct",
         host or None,
@@ -230,9 +234,10 @@ def destination_of(obs: Observation, tunnel: Destination | None = None) -> Desti
 def is_allowed(rules: Iterable[EgressRule], dest: Destination) -> bool | None:
     """Whether the allowlist admits ``dest``; None when nothing about it is known.
 
-    Direct: the peer address matches a CIDR entry, or the Host/:authority name matches a
-    hostname entry (port-aware). Through a proxy or tunnel: the named target only (an IP
-    literal against CIDR entries, a name against hostname entries).
+    Direct: the peer address matches a CIDR entry, or the hostname (TLS SNI, else the
+    Host/:authority name) matches a hostname entry (port-aware). Through a proxy or tunnel:
+    the named target only (an IP literal against CIDR entries, a name against hostname
+    entries).
     """
     rules = tuple(rules)
     if dest.via == "direct":

@@ -22,6 +22,7 @@ from hopwatch.capture._types import (
     LostEvents,
     ProcessExited,
     SockAddr,
+    TlsServerName,
     UnknownFd,
 )
 from hopwatch.config import Config
@@ -56,7 +57,9 @@ class CaptureControl(Protocol):
 
     def adopt(self, tgid: int, fd: int, role: str) -> bool: ...
 
-    def set_skip_until(self, tgid: int, fd: int, direction: Direction, offset: int) -> bool: ...
+    def set_skip_until(
+        self, tgid: int, fd: int, direction: Direction, offset: int, *, tls: bool = False
+    ) -> bool: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +78,7 @@ class Observation:
     role: str  # the observed process's end: "client" | "server"
     local: SockAddr | None
     peer: SockAddr | None
+    sni: str | None = None  # TLS: the server name the client asked for
 
 
 Observer = Callable[[Observation], None]
@@ -89,11 +93,14 @@ class AuditHook(Protocol):
 class _ConnState:
     """What the pipeline keeps per connection: its parser and where each direction is."""
 
-    __slots__ = ("next_offset", "parser")
+    __slots__ = ("next_offset", "parser", "tls")
 
-    def __init__(self) -> None:
+    def __init__(self, tls: bool = False) -> None:
         self.parser = ConnectionParser()
         self.next_offset = [-1, -1]  # [send, recv]; -1 = nothing seen yet
+        # TLS: the parser reads the plaintext (DataChunk.tls) and its offsets; the socket's
+        # own bytes (ciphertext) never reach it.
+        self.tls = tls
 
 
 def _origin(role: str, direction: Direction) -> Origin:
@@ -121,6 +128,7 @@ class Pipeline:
         self.observers: list[Observer] = [self._count, *observers]
         self.audit = audit
         self.lost: dict[str, int] = {}
+        self.tls_ciphertext_chunks = 0  # socket bytes of TLS connections kept from the parsers
 
     @property
     def config(self) -> Config:
@@ -150,6 +158,10 @@ class Pipeline:
             self.lost[ev.reason] = self.lost.get(ev.reason, 0) + ev.count
         elif isinstance(ev, UnknownFd):
             self._unknown_fd(ev)
+        elif isinstance(ev, TlsServerName):
+            conn = self.conns.get_or_adopt(ev.tgid, ev.fd, ev.ts_ns)
+            if conn is not None:
+                conn.sni = ev.server_name
 
     def _selected(self, conn: Connection) -> bool:
         """`[processes]` include/exclude by comm, systemd unit or label (container)."""
@@ -204,9 +216,16 @@ class Pipeline:
                 if self.control is not None:
                     self.control.ignore(chunk.tgid, chunk.fd)
                 return
-            state = conn.state = _ConnState()
+            state = conn.state = _ConnState(chunk.tls)
         elif not isinstance(state, _ConnState):
             return
+        if state.tls != chunk.tls:
+            if not chunk.tls:
+                self.tls_ciphertext_chunks += 1  # a TLS socket's own bytes: never parsed
+                return
+            # The connection turned out to be TLS (or started TLS after a CONNECT): the
+            # plaintext gets a parser of its own, in its own offset space.
+            state = conn.state = _ConnState(tls=True)
         parser = state.parser
         if parser.done:
             return
@@ -242,7 +261,10 @@ class Pipeline:
         if hint >= SKIP_MIN_BYTES:
             # Body bytes the parser does not need: the kernel stops copying them.
             end = chunk.offset + chunk.total_len
-            control.set_skip_until(chunk.tgid, chunk.fd, chunk.direction, end + hint)
+            if chunk.tls:
+                control.set_skip_until(chunk.tgid, chunk.fd, chunk.direction, end + hint, tls=True)
+            else:
+                control.set_skip_until(chunk.tgid, chunk.fd, chunk.direction, end + hint)
 
     # -- parser events -> observations ------------------------------------------------
     def _emit(
@@ -291,6 +313,7 @@ class Pipeline:
             role=conn.role,
             local=conn.local,
             peer=conn.peer,
+            sni=conn.sni,
         )
         for observer in self.observers:
             try:

@@ -64,6 +64,18 @@ _STATS_DOCS: dict[str, tuple[str, str, str | None]] = {
         None,
     ),
     "capture_kernel_connections": ("gauge", "Connections tracked in the kernel map.", None),
+    "capture_tls_total": (
+        "counter",
+        "TLS capture: SSL calls reported (calls), of which the socket was unknown at return "
+        "(unbound), socket syscalls of TLS connections not copied (ciphertext_syscalls), "
+        "ciphertext kept from the parsers (ciphertext_chunks).",
+        "event",
+    ),
+    "capture_tls_targets": (
+        "gauge",
+        "OpenSSL copies (libssl, binaries exporting SSL_*) the uprobes are attached to.",
+        None,
+    ),
     "connections_tracked": ("gauge", "Connections in the connection table.", None),
     "connections_total": ("counter", "Connection-table operations, by event.", "event"),
 }
@@ -75,6 +87,7 @@ _LOST_REASONS = (
     "stash_full",
     "incomplete_syscalls",
     "orphan_chunks",
+    "tls_unbound_dropped",
 )
 _FILTER_REASONS = ("filtered", "sniff_rejected", "ignored")
 
@@ -236,6 +249,13 @@ class Daemon:
             out["capture_filtered_total"] = {r: k.get(r, 0) for r in _FILTER_REASONS}
             out["capture_unknown_fd_total"] = k["unknown_fd"]
             out["capture_kernel_connections"] = k["connections"]
+            out["capture_tls_total"] = {
+                "calls": k["tls_calls"],
+                "unbound": k["tls_unbound"],
+                "ciphertext_syscalls": k["tls_ciphertext"],
+                "ciphertext_chunks": self.pipeline.tls_ciphertext_chunks if self.pipeline else 0,
+            }
+            out["capture_tls_targets"] = k["tls_targets"]
         out["connections_tracked"] = len(self.conns)
         out["connections_total"] = dict(self.conns.counters())
         return out
