@@ -338,7 +338,15 @@ def _norm(a: SockAddr | None) -> tuple[str, int] | None:
 
 
 def _context_label(formats: Sequence[str]) -> str:
+    """For people: ``w3c+b3``."""
     return "+".join(formats) if formats else "none"
+
+
+def _context_name(formats: Sequence[str]) -> str:
+    """For machines, as the metrics say it: ``w3c``, ``b3``, ``both`` or ``none``."""
+    if len(formats) > 1:
+        return "both"
+    return formats[0] if formats else "none"
 
 
 @dataclass(slots=True)
@@ -390,7 +398,7 @@ class Edge:
             "method": self.method,
             "path": self.path,
             "destination": self.destination,
-            "context": _context_label(self.formats),
+            "context": _context_name(self.formats),
             "carries_trace": self.carries_trace,
             "other_trace_id": self.other_trace_id,
             "findings": list(self.findings),
@@ -434,7 +442,7 @@ class Hop:
             "authority": self.authority,
             "local": self.local,
             "peer": self.peer,
-            "context": _context_label(self.formats),
+            "context": _context_name(self.formats),
             "carries_trace": self.carries_trace,
             "other_trace_id": self.other_trace_id,
             "arrived": self.arrived,
@@ -817,7 +825,7 @@ def render_tree(report: TraceReport) -> str:
                 f"{_ctx(edge.formats, edge.other_trace_id)}  (not observed on this node)"
             )
         else:
-            text = _hop_text(hop)
+            text = _hop_text(hop, edge.destination if edge is not None else None)
         lines.append(f"{prefix}{branch}{mark} {text}")
         for pr in problems:
             sym = "✗" if pr.severity == "break" or pr.finding == "leak" else "⚠"
@@ -850,12 +858,13 @@ def _ctx(formats: tuple[str, ...], other: str | None) -> str:
     return f"{label} (other trace {other})" if other else label
 
 
-def _hop_text(h: Hop) -> str:
+def _hop_text(h: Hop, reached_at: str | None) -> str:
     name = _name(h.pid, h.comm, h.process)
     if h.protocol is None:
         return f"{name}  (sent the trace on; how it got it was not seen)"
     what = f"{h.method or ''} {h.path or ''}".strip()
-    at = f" at {h.local}" if h.local else ""
+    where = h.local or reached_at
+    at = f" at {where}" if where else ""
     extra = "  (reached through a hop not seen)" if h.arrived == "unobserved" else ""
     return f"{name}{at}  {what}  {h.protocol}  {_ctx(h.formats, h.other_trace_id)}{extra}"
 
