@@ -59,3 +59,14 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info
+
+# --- systemd service (docs/operations.md) ---------------------------------------------
+# A self-contained venv under PREFIX, the unit, a commented default config; enables the
+# service when systemd is PID 1. Overrides: PREFIX, CONFDIR, UNITDIR, ENABLE=no, PURGE=1.
+.PHONY: install uninstall
+
+install: system
+	@bash systemd/install.sh install
+
+uninstall:
+	@bash systemd/install.sh uninstall
