@@ -52,7 +52,7 @@ import ipaddress
 import logging
 import secrets
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 from urllib.parse import urlsplit
@@ -346,6 +346,9 @@ class HopAnalyzer:
         self.max_age_ns = max_open_age_ns
         self._procs: OrderedDict[int, _Process] = OrderedDict()  # least recently used first
         self._key = secrets.token_bytes(32)  # hashes malformed values held in memory
+        # Set by the `Pipeline` this observes: completes an observation's local address
+        # before it reaches the audit log.
+        self.resolve_local: Callable[[Observation], Observation] | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
     def update_config(self, config: Config) -> None:
@@ -743,6 +746,8 @@ class HopAnalyzer:
         m.findings.labels(finding, header, m.process_label(obs.process), m.peer_label(peer)).inc()
         if self.audit is not None:
             try:
+                if obs.local is None and self.resolve_local is not None:
+                    obs = self.resolve_local(obs)
                 self.audit.hop_finding(
                     HopFinding(finding, header, reason, obs, trace_id, other_trace_id,
                                destination, via)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from hopwatch.capture._types import (
@@ -126,6 +126,11 @@ class Pipeline:
         self.conns = conns
         self.control = control
         self.observers: list[Observer] = [self._count, *observers]
+        for observer in observers:
+            # Observers that report findings (the hop analyzer) complete the local address
+            # of the observations they report through `with_local`.
+            if getattr(observer, "resolve_local", False) is None:
+                observer.resolve_local = self.with_local  # type: ignore[attr-defined]
         self.audit = audit
         self.lost: dict[str, int] = {}
         self.tls_ciphertext_chunks = 0  # socket bytes of TLS connections kept from the parsers
@@ -337,7 +342,18 @@ class Pipeline:
             seen.add(key)
             m.findings.labels(f.kind, f.header, process, peer).inc()
         if self.audit is not None:
-            self.audit.message_findings(obs)
+            self.audit.message_findings(self.with_local(obs))
+
+    def with_local(self, obs: Observation) -> Observation:
+        """``obs`` with its local address, read from /proc now when the budgeted lookup of
+        the data path put it off (connection churn). Findings are rare; their audit lines
+        must name both ends."""
+        if obs.local is not None:
+            return obs
+        conn = self.conns.get(obs.tgid, obs.fd)
+        if conn is None or not self.conns.resolve(conn) or conn.local is None:
+            return obs  # resolve() tries /proc once per connection, then keeps the outcome
+        return replace(obs, local=conn.local, peer=obs.peer or conn.peer)
 
 
 def peer_label(obs: Observation) -> str:
