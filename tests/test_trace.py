@@ -518,3 +518,24 @@ def test_kernel_refused_request_is_not_followed(tmp_path: Path) -> None:
     doc = trace(f"http://{LO}:{free_port()}/", "--wait", "1", expect=EXIT_NOT_FOLLOWED)
     (t,) = doc["traces"]
     assert t["outcome"] == "request_failed" and t["request"]["error"] and t["hops"] == []
+
+
+@pytest.mark.kernel
+def test_kernel_https_through_nginx(tmp_path: Path) -> None:
+    """The probe's own hop over TLS: nginx reads it through the OpenSSL uprobes."""
+    crt, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+         "-keyout", str(key), "-out", str(crt), "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    nport = free_port()
+    with services(tmp_path, [("t_tc_tlsleaf", "propagate")]) as (port,):
+        extra = f"ssl_certificate {crt}; ssl_certificate_key {key}; " + NGINX_PROXY.format(
+            port=port, extra=""
+        )
+        with server(nginx_args(tmp_path, "t_tc_tlsngx", f"{LO}:{nport} ssl", extra), nport):
+            doc = trace(f"https://{LO}:{nport}/api/s", "-k", expect=EXIT_OK)
+    t = assert_chain(doc, ["t_tc_tlsngx", "t_tc_tlsleaf"], [True, True])
+    assert t["request"]["tls"] is True and t["outcome"] == "survived"
