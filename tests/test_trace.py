@@ -439,6 +439,7 @@ def test_kernel_three_service_chain_propagates(tmp_path: Path) -> None:
     t = assert_chain(doc, names, [True, True, True])
     assert t["outcome"] == "survived" and t["problems"] == []
     assert all(h["context"] == "both" and h["path"] == "/orders/7" for h in t["hops"])
+    assert [h["local"] for h in t["hops"]] == [f"{LO}:{p}" for p in ports]
     assert [h["pid"] for h in t["hops"]] == sorted({h["pid"] for h in t["hops"]}, key=[
         h["pid"] for h in t["hops"]].index)  # fmt: skip
     assert [h["outbound"][0]["destination"] for h in t["hops"][:2]] == [

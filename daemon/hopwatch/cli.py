@@ -135,7 +135,15 @@ def replay(
     raise typer.Exit(run_replay(path, config, json_output, ends))
 
 
-@app.command()
+_TRACE_HELP = (
+    "Send a request with a fresh trace id and follow it through every hop on this node.\n\n"
+    "Exit status: 0 the context reached every hop intact; 1 stripped or restarted (broken); "
+    "2 usage or setup error (needs root); 3 the request failed or no process on this node "
+    "received it; 4 survived but flagged (leak, format changed, sampling flipped)."
+)
+
+
+@app.command(help=_TRACE_HELP)
 def trace(
     url: str = typer.Argument(..., metavar="URL", help="http:// or https:// URL to probe."),
     header: list[str] = typer.Option(  # noqa: B008
@@ -157,12 +165,7 @@ def trace(
         None, "--config", "-c", metavar="FILE", help="TOML configuration (egress allowlist)."
     ),
 ) -> None:
-    """Send a request with a fresh trace id and follow it through every hop on this node.
-
-    Exit status: 0 the context reached every hop intact; 1 stripped or restarted (broken);
-    2 usage or setup error (needs root); 3 the request failed or no process on this node
-    received it; 4 survived but flagged (leak, format changed, sampling flipped).
-    """
+    """Follow a synthetic trace id through every hop on this node (see _TRACE_HELP)."""
     from hopwatch._trace_cmd import run as run_trace
 
     raise typer.Exit(

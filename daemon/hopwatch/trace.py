@@ -605,7 +605,9 @@ class _Builder:
         tgid: int = 0,
         comm: str = "",
         process: str = "",
+        reached_at: SockAddr | None = None,
     ) -> int:
+        """``reached_at``: the edge's peer, the receiver's local address by construction."""
         if obs is None:  # a process that sent the trace on but was not seen receiving it
             hop = Hop(
                 index=len(self.hops),
@@ -640,7 +642,7 @@ class _Builder:
                 method=msg.method,
                 path=msg.path,
                 authority=msg.authority,
-                local=_addr(obs.local),
+                local=_addr(obs.local or reached_at),
                 peer=_addr(obs.peer),
                 formats=_formats(v),
                 carries_trace=carries,
@@ -661,7 +663,7 @@ class _Builder:
                 out.local, out.peer, out.message.stream_id, out.ts_ns, edge.carries_trace
             )
             if recv is not None:
-                edge.receiver = self.add_hop(recv, index, "observed")
+                edge.receiver = self.add_hop(recv, index, "observed", reached_at=out.peer)
                 self.follow(edge.receiver, self.children.get(_key(recv), []))
 
 
@@ -691,7 +693,7 @@ def build_report(
         stream = 1 if request.protocol == "http2" else None
         first = b.receiver_of(request.local, request.peer, stream, 0, True)
         if first is not None:
-            root.receiver = b.add_hop(first, None, "probe")
+            root.receiver = b.add_hop(first, None, "probe", reached_at=request.peer)
             b.follow(root.receiver, b.children.get(_key(first), []))
     # Hops carrying the trace that no seen edge reached (an uncaptured TLS hop, a queue).
     for obs in sorted(rec.hops, key=lambda o: o.ts_ns):
