@@ -18,6 +18,7 @@ systemd itself. What is covered instead:
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -199,6 +200,8 @@ def installed() -> Iterator[Installed]:
         assert (inst.confdir / "config.toml").exists()  # the operator's file is kept
     finally:
         shutil.rmtree(root, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            SCRATCH.rmdir()
 
 
 @pytest.mark.kernel
@@ -638,9 +641,9 @@ def traffic_seen(addr: str, comm: str, tmp: Path, port: int) -> float:
     return seen
 
 
-def sandbox_config(tmp: Path, addr: str) -> Path:
-    cfg = SCRATCH / f"config-{os.getpid()}-{tmp.name}.toml"  # readable inside the sandbox
-    cfg.parent.mkdir(parents=True, exist_ok=True)
+def sandbox_config(installed: Installed, tmp: Path, addr: str) -> Path:
+    # Beside the scratch install (removed with it): readable inside the sandbox.
+    cfg = installed.prefix.parent / f"config-{tmp.name}.toml"
     text = DEFAULT_CONFIG.read_text().replace('# addr = "127.0.0.1:9647"', f'addr = "{addr}"')
     cfg.write_text(text)
     os.chmod(cfg, 0o644)
@@ -654,7 +657,7 @@ def test_execstart_as_is_in_the_units_sandbox(installed: Installed, tmp_path: Pa
     unit = parse_unit(installed.unit)
     port = free_port()
     addr = f"127.0.0.1:{port}"
-    cfg = sandbox_config(tmp_path, addr)
+    cfg = sandbox_config(installed, tmp_path, addr)
     argv, env = sandboxed(unit, execstart_argv(installed, cfg))
     notify = NotifySocket(f"@hopwatch-test-{os.getpid()}")  # abstract: crosses PrivateTmp
     env |= {
@@ -719,7 +722,7 @@ def test_each_capability_is_needed(installed: Installed, tmp_path: Path, cap: st
     assert set(CAPABILITY_NEEDS) == set(words(unit, "CapabilityBoundingSet"))
     port = free_port()
     addr = f"127.0.0.1:{port}"
-    cfg = sandbox_config(tmp_path, addr)
+    cfg = sandbox_config(installed, tmp_path, addr)
     argv, env = sandboxed(unit, execstart_argv(installed, cfg), drop_cap=cap)
     env["PATH"] = "/usr/sbin:/usr/bin:/sbin:/bin"
     log = tmp_path / "hopwatch.log"
