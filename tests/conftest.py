@@ -26,7 +26,7 @@ def session_tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def daemon(session_tmp: Path) -> Iterator[Daemon]:
     """One real `hopwatch run` for the whole session (TESTING.md)."""
-    d = Daemon(session_tmp, name="hw_session")
+    d = Daemon(session_tmp, name=f"hw_s{os.getpid() % 100000}")  # unique: other runs may watch too
     try:
         yield d
     finally:
