@@ -537,6 +537,59 @@ def test_ends_option_observes_one_side(tmp_path: Path, ends: str) -> None:
         assert finds(r) == {("malformed", "traceparent", "10.0.0.2"): 1}
 
 
+# -- a real loopback capture (tcpdump -i lo, recorded by the kernel test below) -----------
+
+LOOPBACK = FIXTURES / "pcap" / "loopback_strip_h1_h2c.pcap"
+
+
+def test_recorded_loopback_capture() -> None:
+    """t_rp_cli (127.0.0.4) -> strip (127.0.0.2) -> backend (127.0.0.3); curl (127.0.0.7)
+    -> nginx h2c (127.0.0.6). The counts the live daemon reported when it was recorded."""
+    progress: list[int] = []
+    with PcapCapture(LOOPBACK, progress=progress.append, progress_every=100) as cap:
+        r = Replay(Config(), cap).run()
+        size = cap.size
+    assert progress == [p for p in progress if p <= size] and progress[-1] == size
+    assert len(progress) == 3  # records 100 and 200, then the end
+    st = r.stats
+    assert (st.packets, st.connections, st.gaps, st.retransmitted_segments) == (273, 18, 0, 0)
+    assert finds(r) == {
+        ("stripped", "traceparent", "127.0.0.2"): 4,
+        ("malformed", "traceparent", "127.0.0.4"): 3,
+        ("malformed", "traceparent", "127.0.0.3"): 3,
+        ("conflict", "b3", "127.0.0.4"): 1,
+        ("conflict", "b3", "127.0.0.3"): 1,
+        ("malformed", "traceparent", "127.0.0.7"): 2,
+        ("malformed", "traceparent", "127.0.0.6"): 2,
+    }
+    assert msgs(r, "127.0.0.2") == {
+        ("inbound", "request", "http1", "w3c"): 4,
+        ("inbound", "request", "http1", "none"): 2,
+        ("outbound", "response", "http1", "none"): 6,
+        ("outbound", "request", "http1", "none"): 6,
+        ("inbound", "response", "http1", "none"): 6,
+    }
+    assert msgs(r, "127.0.0.6") == {
+        ("inbound", "request", "http2", "w3c"): 3,
+        ("inbound", "request", "http2", "none"): 4,
+        ("outbound", "response", "http2", "none"): 7,
+    }
+
+
+def test_recorded_capture_server_ends_only() -> None:
+    """--ends server: what a node running only the servers would report."""
+    r, _ = replay(LOOPBACK, ends="server")
+    assert {k[1] for k in r.messages} == {"inbound"} | {"outbound"}
+    assert all((k[1], k[2]) in {("inbound", "request"), ("outbound", "response")}
+               for k in r.messages)
+    # the strip service's calls out are client ends: not observed, so nothing to strip
+    assert finds(r) == {
+        ("malformed", "traceparent", "127.0.0.3"): 3,
+        ("conflict", "b3", "127.0.0.3"): 1,
+        ("malformed", "traceparent", "127.0.0.6"): 2,
+    }
+
+
 # -- the command ---------------------------------------------------------------------------
 
 
@@ -585,6 +638,23 @@ def test_console_script_on_a_non_capture(tmp_path: Path) -> None:
     assert res.returncode == 1
     assert res.stdout == "" and "Traceback" not in res.stderr
     assert res.stderr.startswith("hopwatch replay: ") and len(res.stderr.splitlines()) == 1
+
+
+def test_json_into_a_closed_pipe_stops_quietly() -> None:
+    """`hopwatch replay --json F | head -1`: the reader goes away; exit 0, no traceback."""
+    import io
+
+    from hopwatch._replay_cmd import replay as replay_cmd
+
+    class Head(io.StringIO):
+        def write(self, s: str) -> int:
+            if self.getvalue():
+                raise BrokenPipeError(32, "Broken pipe")
+            return super().write(s)
+
+    out, err = Head(), io.StringIO()
+    assert replay_cmd(str(LOOPBACK), None, True, "both", stdout=out, stderr=err) == 0
+    assert len(out.getvalue().splitlines()) == 1 and err.getvalue() == ""
 
 
 def test_pcap_error_is_raised_by_the_source(tmp_path: Path) -> None:

@@ -81,6 +81,7 @@ class Replay:
             max_peer_labels=config.max_peer_labels,
         )
         self._ts_ns = 0
+        self._stopped = False
         self.audit: _LineAudit | None = None
         if emit is not None:
             self.audit = _LineAudit(emit, key or secrets.token_bytes(32), self._packet_time)
@@ -100,9 +101,15 @@ class Replay:
     def _dropped(self, conn: Any, reason: object) -> None:
         self.pipeline.connection_dropped(conn, reason)
 
+    def stop(self) -> None:
+        """Stop `run` after the current event (the reader of the output went away)."""
+        self._stopped = True
+
     def run(self) -> ReplayResult:
         handle, hop_event = self.pipeline.handle, self.hops.handle_event
         for ev in self.capture.events():
+            if self._stopped:
+                break
             ts = getattr(ev, "ts_ns", 0)
             if ts:
                 self._ts_ns = ts
@@ -182,8 +189,17 @@ def replay(
         print(f"hopwatch replay: cannot read {path}: {exc.strerror or exc}", file=err)
         return 1
 
+    reader_gone = False
+
     def emit(line: str) -> None:
-        out.write(line + "\n")
+        nonlocal reader_gone
+        if reader_gone:
+            return
+        try:
+            out.write(line + "\n")
+        except BrokenPipeError:  # `hopwatch replay --json F | head`: stop quietly
+            reader_gone = True
+            rep.stop()
 
     with capture:
         rep = Replay(config, capture, emit=emit if json_output else None, key=_key(config))
@@ -192,6 +208,10 @@ def replay(
         except OSError as exc:
             print(f"hopwatch replay: reading {path} failed: {exc.strerror or exc}", file=err)
             return 1
+    if reader_gone:
+        if out is sys.stdout:  # no second EPIPE when the interpreter flushes at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     if json_output:
         out.flush()
         _warn_losses(result.stats, err)
@@ -222,7 +242,7 @@ def _run_with_progress(rep: Replay, capture: PcapCapture, err: IO[str]) -> Repla
         transient=True,
     ) as bar:
         task = bar.add_task("replay", total=capture.size)
-        capture._progress = lambda pos: bar.update(task, completed=pos)
+        capture.progress = lambda pos: bar.update(task, completed=pos)
         return rep.run()
 
 

@@ -226,7 +226,7 @@ class PcapCapture:
         self.max_connections = max_connections
         self.stats = PcapStats()
         self.size = os.path.getsize(self.path)  # OSError (missing file) before scapy
-        self._progress = progress
+        self.progress = progress  # called with position() every progress_every records
         self._progress_every = max(1, progress_every)
         self._reader = _open_reader(self.path)
         self._conns: OrderedDict[tuple[Any, ...], _Conn] = OrderedDict()
@@ -302,13 +302,13 @@ class PcapCapture:
             if self._out:
                 yield from self._out
                 self._out.clear()
-            if self._progress is not None and st.packets % every == 0:
-                self._progress(self.position())
+            if self.progress is not None and st.packets % every == 0:
+                self.progress(self.position())
         self._finish(self.last_ts_ns)
         yield from self._out
         self._out.clear()
-        if self._progress is not None:
-            self._progress(self.size)
+        if self.progress is not None:
+            self.progress(self.size)
 
     # -- decoding -------------------------------------------------------------------------
     def _packet(self, linktype: int, data: bytes, ts_ns: int) -> None:
