@@ -655,3 +655,68 @@ def test_ten_thousand_peers_stay_within_the_label_cap() -> None:
     assert hopper.open_requests() == 0 and hopper.tracked_processes() <= 1
     overflow = metrics.registry.get_sample_value("hopwatch_label_overflow_total", {"label": "peer"})
     assert overflow is not None and overflow > 0
+
+
+def test_findings_complete_a_deferred_local_address() -> None:
+    """Pure: the data path's budgeted /proc lookup may defer a connection's local address
+    (connection churn); a finding's audit line then reads it unbudgeted, once."""
+    from dataclasses import dataclass as _dataclass
+
+    from hopwatch.capture._types import SockAddr
+    from hopwatch.config import Config
+    from hopwatch.hops import HopAnalyzer, HopFinding
+    from hopwatch.metrics import Metrics
+    from hopwatch.pipeline import Observation, Pipeline
+    from hopwatch.propagation import check_message
+    from hopwatch.protocols._events import MessageParsed, Origin
+
+    local = SockAddr(socket.AF_INET, "10.0.0.7", 45000)
+
+    @_dataclass
+    class Conn:
+        local: SockAddr | None = None
+        peer: SockAddr | None = None
+        resolved: bool = False
+
+    class Table:
+        def __init__(self) -> None:
+            self.conn, self.reads = Conn(), 0
+
+        def get(self, tgid: int, fd: int) -> Conn | None:
+            return self.conn if (tgid, fd) == (7, 9) else None
+
+        def resolve(self, conn: Conn, *, budgeted: bool = False) -> bool:
+            if not conn.resolved:
+                self.reads += 1
+                conn.resolved, conn.local = True, local
+            return conn.local is not None
+
+    class Sink:
+        def __init__(self) -> None:
+            self.got: list[HopFinding] = []
+
+        def hop_finding(self, finding: HopFinding) -> None:
+            self.got.append(finding)
+
+    sink, table = Sink(), Table()
+    cfg = Config()
+    hopper = HopAnalyzer(cfg, Metrics(), sink)
+    Pipeline(cfg, Metrics(), table, observers=(hopper,))  # type: ignore[arg-type]
+    assert hopper.resolve_local is not None
+    headers = (("traceparent", TP), ("baggage", BAGGAGE))
+    msg = MessageParsed(
+        Origin.CLIENT, "http1", method="GET", path="/", authority="tracker.example",
+        headers=headers, header_block_bytes=100,
+    )  # fmt: skip
+    obs = Observation(
+        message=msg, verdict=check_message(headers), direction="outbound", tgid=7, tid=7,
+        fd=9, ts_ns=1, process="svc", comm="svc", role="client", local=None,
+        peer=SockAddr(socket.AF_INET, "203.0.113.7", 443),
+    )  # fmt: skip
+    hopper(obs)
+    assert [(f.finding, f.header) for f in sink.got] == [
+        ("leak", "traceparent"),
+        ("leak", "baggage"),
+    ]
+    assert all(f.obs.local == local for f in sink.got)
+    assert table.reads == 1
