@@ -543,7 +543,7 @@ LOOPBACK = FIXTURES / "pcap" / "loopback_strip_h1_h2c.pcap"
 
 
 def test_recorded_loopback_capture() -> None:
-    """t_rp_cli (127.0.0.4) -> strip (127.0.0.2) -> backend (127.0.0.3); curl (127.0.0.7)
+    """client (127.0.0.4) -> strip (127.0.0.2) -> backend (127.0.0.3); curl (127.0.0.7)
     -> nginx h2c (127.0.0.6). The counts the live daemon reported when it was recorded."""
     progress: list[int] = []
     with PcapCapture(LOOPBACK, progress=progress.append, progress_every=100) as cap:
@@ -744,18 +744,19 @@ def test_replay_matches_the_live_daemon(daemon: Daemon, tmp_path: Path) -> None:
     cli_ip, strip_ip, back_ip, curl_ip, ngx_ip = (
         "127.0.0.4", "127.0.0.2", "127.0.0.3", "127.0.0.7", "127.0.0.6"
     )
+    tag = f"rp{os.getpid() % 10000}"  # unique per run: a concurrent run's daemon sees ours
     names = {
-        "t_rp_cli": cli_ip,
-        "t_rp_strip": strip_ip,
-        "t_rp_back": back_ip,
-        "t_rp_curl": curl_ip,
-        "t_rp_ngx": ngx_ip,
+        f"{tag}cli": cli_ip,
+        f"{tag}strip": strip_ip,
+        f"{tag}back": back_ip,
+        f"{tag}curl": curl_ip,
+        f"{tag}ngx": ngx_ip,
     }
     sport, bport, nport = free_port(), free_port(), free_port()
-    cli = named(tmp_path, "t_rp_cli", SYSTEM_PYTHON)
-    strip = named(tmp_path, "t_rp_strip", SYSTEM_PYTHON)
-    back = named(tmp_path, "t_rp_back", SYSTEM_PYTHON)
-    curl = named(tmp_path, "t_rp_curl", "curl")
+    cli = named(tmp_path, f"{tag}cli", SYSTEM_PYTHON)
+    strip = named(tmp_path, f"{tag}strip", SYSTEM_PYTHON)
+    back = named(tmp_path, f"{tag}back", SYSTEM_PYTHON)
+    curl = named(tmp_path, f"{tag}curl", "curl")
     pcap = tmp_path / "live.pcap"
     with (
         server([back, str(PEERS / "h1_server.py"), back_ip, str(bport)], bport, host=back_ip),
@@ -764,7 +765,7 @@ def test_replay_matches_the_live_daemon(daemon: Daemon, tmp_path: Path) -> None:
             sport,
             host=strip_ip,
         ),
-        server(nginx_args(tmp_path, "t_rp_ngx", f"{ngx_ip}:{nport} http2"), nport, host=ngx_ip),
+        server(nginx_args(tmp_path, f"{tag}ngx", f"{ngx_ip}:{nport} http2"), nport, host=ngx_ip),
         tcpdump(pcap, [sport, bport, nport]) as dump,
     ):
         before = daemon.settle()
@@ -780,7 +781,7 @@ def test_replay_matches_the_live_daemon(daemon: Daemon, tmp_path: Path) -> None:
             for _ in range(n):  # one URL per curl: curl 7.88 fails reusing an h2c connection
                 run([*args, f"http://{ngx_ip}:{nport}/x"])
 
-        h1(strip_ip, sport, 4, f"traceparent: {TP}")  # stripped at t_rp_strip
+        h1(strip_ip, sport, 4, f"traceparent: {TP}")  # stripped by the strip service
         h1(strip_ip, sport, 2)  # nothing to strip
         h1(back_ip, bport, 3, f"traceparent: {TP_BAD}")  # malformed, both ends
         h1(back_ip, bport, 1, f"traceparent: {TP}", "b3: 1111111111111111-2222222222222222-1")
