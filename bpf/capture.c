@@ -117,6 +117,7 @@
 #define CF_CG_INCLUDE 4
 #define CF_CG_ANY 8
 #define CF_PORT_ANY 16
+#define CF_TLS_OFF 32  // the SSL uprobes do nothing (set before they are handed off to detach)
 
 #define FILTER_INCLUDE 1
 #define FILTER_EXCLUDE 2
@@ -1222,7 +1223,7 @@ TRACEPOINT_PROBE(syscalls, sys_exit_recvmmsg) { return data_exit(args, args->ret
 static __always_inline int ssl_enter(struct pt_regs *ctx, u8 dir, u8 is_ex) {
     u64 id = bpf_get_current_pid_tgid();
     struct cfg *c = get_cfg();
-    if (!c || task_filtered(c, id >> 32))
+    if (!c || (c->flags & CF_TLS_OFF) || task_filtered(c, id >> 32))
         return 0;
     struct tls_args a = {};
     a.ssl = PT_REGS_PARM1(ctx);
@@ -1392,7 +1393,7 @@ int ssl_ctrl_enter(struct pt_regs *ctx) {
         return 0;
     u64 id = bpf_get_current_pid_tgid();
     struct cfg *c = get_cfg();
-    if (!c || task_filtered(c, id >> 32))
+    if (!c || (c->flags & CF_TLS_OFF) || task_filtered(c, id >> 32))
         return 0;
     u64 ssl = PT_REGS_PARM1(ctx);
     struct ssl_key sk = {.tgid = id >> 32, .pad = 0, .ssl = ssl};

@@ -266,7 +266,7 @@ class Daemon:
         try:
             self.loop()
         finally:
-            self.shutdown()
+            self.shutdown(exiting=True)
 
     def loop(self) -> None:
         assert self.capture is not None and self.pipeline is not None
@@ -313,7 +313,8 @@ class Daemon:
         log.info("SIGHUP: configuration reloaded from %s", self.config_path)
         self.notifier.ready("configuration reloaded")
 
-    def shutdown(self) -> None:
+    def shutdown(self, *, exiting: bool = False) -> None:
+        """``exiting``: the process ends right after (TLS uprobes then detach in a helper)."""
         self.notifier.stopping()
         if self.capture is not None:
             try:
@@ -322,7 +323,7 @@ class Daemon:
             except Exception:
                 log.exception("draining the ring buffer failed")
             finally:
-                self.capture.close()
+                self.capture.close(exiting=exiting)
                 self.metrics.up.set(0)
         if self.audit is not None:
             self.audit.close()

@@ -154,9 +154,9 @@ class SslFinder:
         self._checked: dict[tuple[int, int, int], bool] = {}
         self._reported: set[tuple[int, int]] = set()
 
-    def check(self, path: str, display: str | None = None, *, embedded: bool = False) -> (
-        SslTarget | None
-    ):
+    def check(
+        self, path: str, display: str | None = None, *, embedded: bool = False
+    ) -> SslTarget | None:
         """The target at ``path`` if it is an OpenSSL copy not reported before."""
         try:
             st = os.stat(path)

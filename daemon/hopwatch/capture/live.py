@@ -81,6 +81,7 @@ ROLE_CODES = {"client": 1, "server": 2}
 HINT_ROLES = {1: "client", 2: "server", 3: ""}
 SNIFF_PENDING, SNIFF_HTTP, SNIFF_REJECTED, SNIFF_RESYNC, SNIFF_TLS = 0, 1, 2, 3, 4
 CF_PID_INCLUDE, CF_PID_ANY, CF_CG_INCLUDE, CF_CG_ANY, CF_PORT_ANY = 1, 2, 4, 8, 16
+CF_TLS_OFF = 32
 FILTER_INCLUDE, FILTER_EXCLUDE = 1, 2
 CTL_IGNORE = 1
 BPF_NOEXIST = 1
@@ -443,10 +444,53 @@ class LiveCapture:
             "check that tracefs is mounted and syscall tracepoints exist (`hopwatch doctor`)",
         )
 
-    def close(self) -> None:
+    def close(self, *, exiting: bool = False) -> None:
+        """Detach everything and free the maps.
+
+        ``exiting``: the process exits right after (the daemon's shutdown). Detaching a
+        uprobe waits for an RCU grace period in the kernel (~0.1 s each here, 9 per OpenSSL
+        copy), so the uprobes are first made inert, then handed to a helper process that
+        detaches them once this one has exited: stopping stays prompt.
+        """
         bpf, self._bpf = self._bpf, None
-        if bpf is not None:
-            bpf.cleanup()
+        if bpf is None:
+            return
+        if exiting and bpf.uprobe_fds:
+            try:
+                self._detach_uprobes_after_exit(bpf)
+            except OSError as exc:
+                log.warning("TLS: detaching the uprobes in place (%s)", exc)
+        bpf.cleanup()
+
+    def _detach_uprobes_after_exit(self, bpf: Any) -> None:
+        cfg = Cfg(
+            self_tgid=self._cfg.self_tgid, flags=self._cfg.flags | CF_TLS_OFF, cap=self._cfg.cap
+        )
+        bpf[b"config"][ct.c_int(0)] = cfg
+        fds = sorted(bpf.uprobe_fds.values())
+        parent = os.getpid()
+        pid = os.fork()
+        if pid == 0:  # the helper: holds only the uprobe perf events
+            try:
+                null = os.open(os.devnull, os.O_RDWR)
+                for std in (0, 1, 2):  # a reader of our output sees EOF when we exit
+                    os.dup2(null, std)
+                low = 3
+                for fd in fds:
+                    os.closerange(low, fd)
+                    low = fd + 1
+                os.closerange(low, os.sysconf("SC_OPEN_MAX"))
+                deadline = time.monotonic() + 60
+                while os.getppid() == parent and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                for fd in fds:
+                    os.close(fd)
+            finally:
+                os._exit(0)
+        for fd in fds:
+            os.close(fd)  # not the last reference: returns at once
+        bpf.uprobe_fds.clear()
+        log.info("TLS: %d uprobes detach in helper process %d after exit", len(fds), pid)
 
     # -- TLS ---------------------------------------------------------------------------
 
