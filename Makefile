@@ -70,3 +70,22 @@ install: system
 
 uninstall:
 	@bash systemd/install.sh uninstall
+
+# --- fuzzing (fuzz/hopwatch_fuzz.py) -----------------------------------------------------
+# atheris (libFuzzer) campaigns on the HTTP/1, HTTP/2, connection and header-check entry
+# points, seeded with tests/fixtures; FUZZ_SECONDS per target. Corpora grow in fuzz/corpus
+# (not committed); a crash leaves fuzz/artifacts/crash-* and fails the target.
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS ?= http1 http2 conn header
+.PHONY: fuzz
+fuzz: venv
+	$(PY) -m pip install -q atheris
+	$(PY) fuzz/hopwatch_fuzz.py seed fuzz/corpus
+	mkdir -p fuzz/artifacts
+	@set -e; for t in $(FUZZ_TARGETS); do \
+	  echo "== fuzz $$t ($(FUZZ_SECONDS)s)"; \
+	  $(PY) fuzz/hopwatch_fuzz.py run $$t fuzz/corpus/$$t -max_total_time=$(FUZZ_SECONDS) \
+	    -artifact_prefix=fuzz/artifacts/$$t- -print_final_stats=1 2>&1 \
+	    | tee fuzz/artifacts/$$t.log | grep -E '^(Done|stat::number_of_executed_units|==|.*(ERROR|Uncaught))' ; \
+	  test $${PIPESTATUS[0]} -eq 0; \
+	done

@@ -1,0 +1,213 @@
+"""Coverage-guided fuzzing (atheris/libFuzzer) of the sans-IO entry points.
+
+Targets:
+  http1   Http1Parser.receive_data / receive_gap / receive_eof
+  http2   Http2Parser.receive_data / receive_gap / receive_eof
+  conn    ConnectionParser (protocol detection, h2c upgrade, CONNECT tunnels)
+  header  check_header(name, value) and check_message over the same lines
+
+An input is a list of records: one tag byte, a 2-byte big-endian length, the bytes. Tag bit 0
+picks the origin (0 client, 1 server); bit 1 makes the record a gap of `length` bytes; bit 2
+an EOF. Seeds are the real captures of tests/fixtures (`seed` writes them in this format).
+
+A crash is an exception escaping an entry point, or an ``*.internal_error`` event: the
+parsers catch everything at their boundary and report it under that code, which hides a bug
+from libFuzzer unless it is turned back into an exception here.
+
+    python fuzz/hopwatch_fuzz.py seed CORPUS_ROOT
+    python fuzz/hopwatch_fuzz.py run TARGET CORPUS_DIR [libFuzzer flags...]
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO / "tests" / "fixtures"
+
+TARGETS = ("http1", "http2", "conn", "header")
+
+TAG_SERVER = 1
+TAG_GAP = 2
+TAG_EOF = 4
+
+#: Header names the header target draws from (byte 0 of the input picks one).
+HEADER_NAMES = (
+    "traceparent",
+    "tracestate",
+    "baggage",
+    "b3",
+    "x-b3-traceid",
+    "x-b3-spanid",
+    "x-b3-parentspanid",
+    "x-b3-sampled",
+    "x-b3-flags",
+    "uber-trace-id",
+    "x-amzn-trace-id",
+    "traceresponse",
+)
+
+
+class InternalError(Exception):
+    """A parser reported a bug it caught at its API boundary."""
+
+
+def records(data: bytes) -> Iterator[tuple[int, bytes]]:
+    i = 0
+    while i + 3 <= len(data):
+        tag = data[i]
+        (n,) = struct.unpack(">H", data[i + 1 : i + 3])
+        i += 3
+        if tag & TAG_GAP:
+            yield tag, n.to_bytes(2, "big")
+            continue
+        yield tag, data[i : i + n]
+        i += n
+
+
+def encode(chunks: list[tuple[bool, bytes]]) -> bytes:
+    """(is_server, bytes) chunks -> one fuzz input (long chunks split at 65535)."""
+    out = bytearray()
+    for is_server, payload in chunks:
+        for k in range(0, len(payload), 0xFFFF):
+            part = payload[k : k + 0xFFFF]
+            out += bytes([TAG_SERVER if is_server else 0]) + struct.pack(">H", len(part)) + part
+    return bytes(out)
+
+
+def _http1_fixture(path: Path) -> list[tuple[bool, bytes]]:
+    raw = path.read_bytes()
+    out: list[tuple[bool, bytes]] = []
+    i = 0
+    while i < len(raw):
+        (n,) = struct.unpack(">I", raw[i + 1 : i + 5])
+        out.append((raw[i : i + 1] != b"C", raw[i + 5 : i + 5 + n]))
+        i += 5 + n
+    return out
+
+
+def _http2_fixture(path: Path) -> list[tuple[bool, bytes]]:
+    fixture = json.loads(path.read_text())
+    return [(tag != "c", bytes.fromhex(hx)) for tag, hx in fixture["chunks"]]
+
+
+def _header_seeds() -> list[bytes]:
+    lines = [
+        "traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        "tracestate: rojo=00f067aa0ba902b7,congo=t61rcWkgMzE",
+        "baggage: userId=alice,serverNode=DF%2028,isProduction=false;p=1",
+        "b3: 80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1-05e3ac9a4f6e3b90",
+        "x-b3-traceid: 80f198ee56343ba864fe8b2a57d3eff7",
+        "x-b3-sampled: 1",
+    ]
+    out = []
+    for line in lines:
+        name, _, value = line.partition(": ")
+        out.append(bytes([HEADER_NAMES.index(name)]) + value.encode())
+    return out
+
+
+def seed(root: Path) -> dict[str, int]:
+    """Write the fixture captures as seed corpora under root/<target>/."""
+    counts: dict[str, int] = {}
+    h1 = [_http1_fixture(p) for p in sorted((FIXTURES / "http1").glob("*.rec"))]
+    h2 = [_http2_fixture(p) for p in sorted((FIXTURES / "http2").glob("*.json"))]
+    corpora = {
+        "http1": [encode(c) for c in h1],
+        "http2": [encode(c) for c in h2],
+        "conn": [encode(c) for c in h1 + h2],
+        "header": _header_seeds(),
+    }
+    for target, inputs in corpora.items():
+        d = root / target
+        d.mkdir(parents=True, exist_ok=True)
+        for k, blob in enumerate(inputs):
+            (d / f"seed-{k:03d}").write_bytes(blob)
+        counts[target] = len(inputs)
+    return counts
+
+
+def _raise_internal(events: list[object]) -> None:
+    for ev in events:
+        code = getattr(ev, "code", "")
+        if isinstance(code, str) and code.endswith("internal_error"):
+            raise InternalError(f"{code}: {getattr(ev, 'detail', '')}")
+
+
+def _drive(parser: object, data: bytes) -> None:
+    from hopwatch.protocols import Origin
+
+    receive_data = parser.receive_data  # type: ignore[attr-defined]
+    receive_gap = parser.receive_gap  # type: ignore[attr-defined]
+    receive_eof = parser.receive_eof  # type: ignore[attr-defined]
+    for tag, payload in records(data):
+        origin = Origin.SERVER if tag & TAG_SERVER else Origin.CLIENT
+        if tag & TAG_GAP:
+            _raise_internal(receive_gap(origin, int.from_bytes(payload, "big")))
+        elif tag & TAG_EOF:
+            _raise_internal(receive_eof(origin))
+        else:
+            _raise_internal(receive_data(origin, payload))
+    _raise_internal(receive_eof(Origin.CLIENT) + receive_eof(Origin.SERVER))
+
+
+def one_http1(data: bytes) -> None:
+    from hopwatch.protocols import Http1Parser
+
+    _drive(Http1Parser(), data)
+
+
+def one_http2(data: bytes) -> None:
+    from hopwatch.protocols import Http2Parser
+
+    _drive(Http2Parser(), data)
+
+
+def one_conn(data: bytes) -> None:
+    from hopwatch.protocols import ConnectionParser, Origin
+
+    parser = ConnectionParser()
+    _drive(parser, data)
+    parser.skip_hint(Origin.CLIENT)  # reading state must not fail either
+    parser.skip_hint(Origin.SERVER)
+
+
+def one_header(data: bytes) -> None:
+    from hopwatch.propagation import check_header, check_message
+
+    if not data:
+        return
+    name = HEADER_NAMES[data[0] % len(HEADER_NAMES)]
+    value = data[1:].decode("latin-1")
+    check_header(name, value)
+    lines = [(name, v) for v in value.split("\n")]
+    check_message(lines, header_block_bytes=len(data))
+
+
+ONE = {"http1": one_http1, "http2": one_http2, "conn": one_conn, "header": one_header}
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) >= 3 and argv[1] == "seed":
+        print(json.dumps(seed(Path(argv[2]))))
+        return 0
+    if len(argv) >= 4 and argv[1] == "run" and argv[2] in ONE:
+        import atheris  # type: ignore[import-not-found]
+
+        target = argv[2]
+        with atheris.instrument_imports():
+            import hopwatch.propagation  # noqa: F401
+            import hopwatch.protocols  # noqa: F401
+        atheris.Setup([argv[0], *argv[4:], argv[3]], ONE[target])
+        atheris.Fuzz()
+        return 0
+    print(__doc__, file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
