@@ -489,3 +489,47 @@ def test_pipeline_parses_plaintext_and_drops_ciphertext() -> None:
         ("inbound", "response", "api.thirdparty.test"),
     ]
     assert pipe.tls_ciphertext_chunks == 1
+
+
+def test_unobservable_processes_names_plain_grpc_and_not_openssl_users(tmp_path: Path) -> None:
+    """Processes with TCP connections: no OpenSSL mapped, grpcio's BoringSSL, and one that
+    maps the distro's libssl (observable, so not listed)."""
+    from hopwatch.tls import unobservable_processes
+    from tests.helpers import python_env
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    port = listener.getsockname()[1]
+    hold = (
+        f"import socket, time; s = socket.create_connection(('127.0.0.1', {port})); "
+        "print('up', flush=True); time.sleep(60)"
+    )
+    procs = {
+        "plain": [named(tmp_path, "t_plaintcp", SYSTEM_PYTHON), "-c", hold],
+        "grpc": [named(tmp_path, "t_grpctcp", SYSTEM_PYTHON), "-c", "import grpc; " + hold],
+        "ssl": [named(tmp_path, "t_ssltcp", SYSTEM_PYTHON), "-c", "import ssl; " + hold],
+    }
+    running = {
+        k: subprocess.Popen(v, stdout=subprocess.PIPE, env=python_env()) for k, v in procs.items()
+    }
+    accepted = []
+    try:
+        for p in running.values():
+            assert p.stdout is not None and p.stdout.readline() == b"up\n"
+            accepted.append(listener.accept()[0])
+        found = {u.pid: (u.comm, u.reason) for u in unobservable_processes()}
+    finally:
+        for p in running.values():
+            p.kill()
+            p.wait()
+        for s in accepted:
+            s.close()
+        listener.close()
+    assert running["plain"].pid in found, (found, {k: p.pid for k, p in running.items()})
+    assert found[running["plain"].pid] == (
+        "t_plaintcp",
+        "no OpenSSL (libssl or exported SSL_*) mapped",
+    )
+    assert found[running["grpc"].pid] == ("t_grpctcp", "grpcio: BoringSSL linked without symbols")
+    assert running["ssl"].pid not in found

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import glob
 import os
 import platform
 import re
@@ -151,25 +150,48 @@ def check_ringbuf() -> Check:
 
 
 def check_libssl() -> Check:
-    found = sorted(
-        {
-            os.path.realpath(p)
-            for pattern in (
-                "/usr/lib/*/libssl.so*",
-                "/lib/*/libssl.so*",
-                "/usr/lib/libssl.so*",
-                "/usr/lib64/libssl.so*",
-            )
-            for p in glob.glob(pattern)
-        }
-    )
+    """The OpenSSL copies the TLS uprobes would attach to (libssl, binaries exporting SSL_*)."""
+    from hopwatch.tls import SslFinder
+
+    finder = SslFinder()
+    found = finder.scan_disk() + finder.scan_processes()
     if found:
-        return Check("libssl", True, ", ".join(found), required=False)
+        names = ", ".join(t.display + (" (embedded)" if t.embedded else "") for t in found)
+        return Check("libssl", True, f"TLS plaintext from: {names}", required=False)
     return Check(
         "libssl",
         False,
-        "no libssl.so found: TLS plaintext capture will see nothing",
+        "no OpenSSL with exported SSL_read/SSL_write found: TLS plaintext capture sees nothing",
         "install libssl3 (or the distro's OpenSSL runtime)",
+        required=False,
+    )
+
+
+_MAX_LISTED = 15
+
+
+def check_tls_unobservable() -> Check:
+    """Running processes with TCP connections whose TLS the uprobes cannot see."""
+    from hopwatch.tls import unobservable_processes
+
+    procs = unobservable_processes()
+    if not procs:
+        return Check(
+            "tls coverage",
+            True,
+            "every process with TCP connections maps a probeable OpenSSL (or none has any)",
+            required=False,
+        )
+    shown = "; ".join(f"{p.pid} {p.comm}: {p.reason}" for p in procs[:_MAX_LISTED])
+    more = f"; and {len(procs) - _MAX_LISTED} more" if len(procs) > _MAX_LISTED else ""
+    return Check(
+        "tls coverage",
+        False,
+        f"{len(procs)} processes hold TCP connections but no OpenSSL the capture can probe; "
+        f"if they speak TLS, their requests are not seen: {shown}{more}",
+        "nothing to install: statically linked TLS without symbols (grpcio's BoringSSL, Go "
+        "crypto/tls, rustls, Java) is not observable; their plain-HTTP traffic still is "
+        "(docs/tls.md)",
         required=False,
     )
 
@@ -183,6 +205,7 @@ CHECKS: tuple[Callable[[], Check], ...] = (
     check_bcc,
     check_ringbuf,
     check_libssl,
+    check_tls_unobservable,
 )
 
 

@@ -271,8 +271,9 @@ def unobservable_processes(proc: str = "/proc") -> list[Unobservable]:
     """Processes with established TCP connections whose TLS, if any, the capture cannot see.
 
     A process counts when it maps no OpenSSL with exported SSL_read/SSL_write (neither a
-    libssl nor its own executable). The reason names what was recognised: a Go binary
-    (crypto/tls), grpcio's BoringSSL (``cygrpc``), or nothing probeable at all.
+    libssl nor its own executable), or when it is recognised as using a TLS stack the
+    capture cannot probe whatever else it maps: grpcio's BoringSSL (``cygrpc``), a Go
+    binary (crypto/tls).
     """
     from hopwatch.procfs import ProcFS, TcpState
 
@@ -308,12 +309,12 @@ def unobservable_processes(proc: str = "/proc") -> list[Unobservable]:
             observable = observable or _usable(info)
             if path.endswith("/exe") and info is not None and info.is_go:
                 is_go = True
-        if observable:
-            continue
-        if is_go:
-            reason = "Go binary: crypto/tls has no OpenSSL functions to probe"
-        elif _grpc_boringssl(files):
+        if _grpc_boringssl(files):  # even with libssl mapped: gRPC's TLS is BoringSSL's
             reason = "grpcio: BoringSSL linked without symbols"
+        elif is_go:
+            reason = "Go binary: crypto/tls has no OpenSSL functions to probe"
+        elif observable:
+            continue
         else:
             reason = "no OpenSSL (libssl or exported SSL_*) mapped"
         info_ = procfs.process(pid)
