@@ -78,6 +78,12 @@ _STATS_DOCS: dict[str, tuple[str, str, str | None]] = {
     ),
     "connections_tracked": ("gauge", "Connections in the connection table.", None),
     "connections_total": ("counter", "Connection-table operations, by event.", "event"),
+    "hop_open_requests": (
+        "gauge",
+        "Inbound requests open (head read, response not yet written) in hop analysis.",
+        None,
+    ),
+    "hop_processes": ("gauge", "Processes with hop-analysis state.", None),
 }
 
 
@@ -258,6 +264,14 @@ class Daemon:
             out["capture_tls_targets"] = k["tls_targets"]
         out["connections_tracked"] = len(self.conns)
         out["connections_total"] = dict(self.conns.counters())
+        if self.hops is not None:
+            for _ in range(3):  # the loop thread may resize the table while we sum it
+                try:
+                    out["hop_open_requests"] = self.hops.open_requests()
+                    break
+                except RuntimeError:
+                    continue
+            out["hop_processes"] = self.hops.tracked_processes()
         return out
 
     def run(self) -> None:
