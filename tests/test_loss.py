@@ -105,7 +105,7 @@ def test_overload_is_accounted_exactly_and_the_daemon_recovers(
 ) -> None:
     port = free_port()
     sink = [named(tmp_path, "lo_sink", SYSTEM_PYTHON), str(REPO / "tests/peers/sink_server.py")]
-    with server(sink + [str(port)], port):
+    with server([*sink, str(port)], port):
         d = Daemon(
             tmp_path,
             config=f"[capture]\nring_buffer_bytes = 65536\ninclude_pids = [{client.proc.pid}]\n",
@@ -151,7 +151,8 @@ def test_overload_is_accounted_exactly_and_the_daemon_recovers(
             # HTTP/1 parser lose its place and find it again at the next request line (the
             # requests right after the gaps were parsed: the equations above).
             both = end - before
-            assert both.total("hopwatch_stream_gap_bytes_total") == counted_lost * client.request_len
+            gap = both.total("hopwatch_stream_gap_bytes_total")
+            assert gap == counted_lost * client.request_len
             desyncs = both.total("hopwatch_stream_desyncs_total", protocol="http1")
             assert 0 < desyncs <= counted_lost
             assert both.total("hopwatch_parse_errors_total") == 0
