@@ -22,9 +22,10 @@ the connection becomes `opaque`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from hopwatch.protocols._events import (
     Event,
-    MessageParsed,
     Origin,
     ParseFailed,
     ProtocolSwitched,
@@ -72,12 +73,16 @@ def _sniff(origin: Origin, data: bytes) -> str | None:
 
 
 class ConnectionParser:
-    __slots__ = ("_held", "_impl", "_last_request", "opaque", "protocol")
+    __slots__ = ("_direct", "_h1", "_held", "_impl", "opaque", "protocol")
 
     def __init__(self) -> None:
         self._impl: Http1Parser | Http2Parser | None = None
+        # Once the protocol is known and while parsing goes on, `receive_data` only
+        # forwards (the per-chunk hot path): to ``_direct`` (HTTP/2: nothing to watch for)
+        # or to ``_h1``, whose events need a look only when it switched protocol.
+        self._direct: Callable[[Origin, bytes], list[Event]] | None = None
+        self._h1: Http1Parser | None = None
         self._held: dict[Origin, bytes] = {}
-        self._last_request: MessageParsed | None = None  # seeds HTTP/2 after an h2c upgrade
         self.protocol: str | None = None  # "http1" | "http2" | "none" | None (undecided)
         self.opaque = False  # tunnel / websocket: nothing more to parse
 
@@ -91,6 +96,15 @@ class ConnectionParser:
         return self.protocol == "none" or self.opaque
 
     def receive_data(self, origin: Origin, data: bytes) -> list[Event]:
+        direct = self._direct
+        if direct is not None:
+            return direct(origin, data) if data else []
+        h1 = self._h1
+        if h1 is not None:
+            if not data:
+                return []
+            out = h1.receive_data(origin, data)
+            return self._after(out) if h1.switched else out
         if self.done or not data:
             return []
         if self._impl is None:
@@ -107,15 +121,21 @@ class ConnectionParser:
                 self._held.clear()
                 return [ParseFailed(origin, "sniff.not_http", "first bytes are not HTTP")]
             self.protocol = verdict
-            self._impl = Http1Parser() if verdict == "http1" else Http2Parser()
+            impl = Http1Parser() if verdict == "http1" else Http2Parser()
+            self._use(impl)
             events: list[Event] = []
             for other, pending in self._held.items():
                 if other is not origin:
-                    events += self._impl.receive_data(other, pending)
+                    events += impl.receive_data(other, pending)
             self._held.clear()
-            events += self._impl.receive_data(origin, held)
+            events += impl.receive_data(origin, held)
             return self._after(events)
-        return self._after(self._impl.receive_data(origin, data))
+        return self._after(self._impl.receive_data(origin, data))  # pragma: no cover
+
+    def _use(self, impl: Http1Parser | Http2Parser) -> None:
+        self._impl = impl
+        self._h1 = impl if isinstance(impl, Http1Parser) else None
+        self._direct = impl.receive_data if isinstance(impl, Http2Parser) else None
 
     def receive_gap(self, origin: Origin, nbytes: int) -> list[Event]:
         if self.done or nbytes <= 0:
@@ -143,23 +163,21 @@ class ConnectionParser:
 
     def _after(self, events: list[Event]) -> list[Event]:
         for i, ev in enumerate(events):
-            if isinstance(ev, MessageParsed):
-                if ev.origin is Origin.CLIENT and ev.protocol == "http1":
-                    self._last_request = ev
-                continue
             if not isinstance(ev, ProtocolSwitched):
                 continue
             impl = self._impl
             if ev.protocol == "http2" and isinstance(impl, Http1Parser):
                 leftover = impl.detach_leftover()
-                self._impl = Http2Parser(upgraded_request=self._last_request)
-                self._last_request = None
+                # RFC 9113 3.1: the upgrade request is stream 1 of the HTTP/2 connection
+                h2 = Http2Parser(upgraded_request=impl.last_request)
+                self._use(h2)
                 self.protocol = "http2"
                 rest: list[Event] = []
                 for origin, data in leftover.items():
                     if data:
-                        rest += self._impl.receive_data(origin, data)
+                        rest += h2.receive_data(origin, data)
                 return events[: i + 1] + self._after(rest) + events[i + 1 :]
             self.opaque = True
+            self._direct = self._h1 = None
             return events[: i + 1]
         return events

@@ -306,7 +306,7 @@ class Http1Parser:
     kept per message); ``max_value`` caps one kept header value.
     """
 
-    __slots__ = ("_client", "_max_buffer", "_max_value", "_pending", "_server")
+    __slots__ = ("_client", "_last_request", "_max_buffer", "_max_value", "_pending", "_server")
 
     def __init__(self, *, max_buffer: int = 65536, max_value: int = 16384) -> None:
         self._max_buffer = max(int(max_buffer), _MIN_BUFFER)
@@ -315,6 +315,7 @@ class Http1Parser:
         self._server = _Side(Origin.SERVER)
         # Requests waiting for their final response: (method, upgrade protocol or None).
         self._pending: deque[tuple[str, str | None]] = deque()
+        self._last_request: MessageParsed | None = None
 
     # ------------------------------------------------------------------ public API
 
@@ -386,6 +387,11 @@ class Http1Parser:
             out[side.origin] = bytes(side.buf)
             side.buf = bytearray()
         return out
+
+    @property
+    def last_request(self) -> MessageParsed | None:
+        """The last request head parsed (after an h2c upgrade: HTTP/2 stream 1)."""
+        return self._last_request
 
     @property
     def switched(self) -> bool:
@@ -464,20 +470,20 @@ class Http1Parser:
                 return 0
             method = _METHOD_NAMES[m.group(1)]
             body = int(cl) if cl is not None else 0
-            out.append(
-                MessageParsed(
-                    side.origin,
-                    "http1",
-                    method,
-                    m.group(2).decode("latin-1"),
-                    None,
-                    host.decode("latin-1") if host is not None else None,
-                    tuple(kept),
-                    (),
-                    end,
-                    body,
-                )
+            msg = MessageParsed(
+                side.origin,
+                "http1",
+                method,
+                m.group(2).decode("latin-1"),
+                None,
+                host.decode("latin-1") if host is not None else None,
+                tuple(kept),
+                (),
+                end,
+                body,
             )
+            out.append(msg)
+            self._last_request = msg
             pending.append((method, None))
         else:
             entry = pending[0] if pending else None
@@ -868,19 +874,19 @@ class Http1Parser:
         if side.is_client:
             body, error = self._request_body(side)
             upgrade = _upgrade_protocol(side.h_up) if side.h_up else None
-            out.append(
-                MessageParsed(
-                    origin=side.origin,
-                    protocol="http1",
-                    method=method,
-                    path=target,
-                    authority=authority,
-                    headers=headers,
-                    header_block_bytes=nbytes,
-                    body_bytes=body,
-                    truncated=truncated,
-                )
+            msg = MessageParsed(
+                origin=side.origin,
+                protocol="http1",
+                method=method,
+                path=target,
+                authority=authority,
+                headers=headers,
+                header_block_bytes=nbytes,
+                body_bytes=body,
+                truncated=truncated,
             )
+            out.append(msg)
+            self._last_request = msg
             pending = self._pending
             if len(pending) >= _MAX_PENDING:
                 pending.popleft()
