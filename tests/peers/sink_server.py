@@ -1,6 +1,6 @@
 """A TCP server that accepts and reads everything, never answers (system Python).
 
-    sink_server.py PORT   prints "listening" when it accepts
+sink_server.py PORT   prints "listening" when it accepts
 """
 
 from __future__ import annotations
