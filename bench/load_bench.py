@@ -1,0 +1,259 @@
+"""Overhead and completeness under load (issue 7, part 1); writes bench/RESULTS-load.md.
+
+(a) steady: bench/pacer.c (constant rate, keep-alive, traceparent on every request, latency
+    from the time each request was due) against nginx on loopback, without and then with
+    the daemon: requests completed vs messages the daemon counted, daemon CPU per observed
+    message, client p99 with and without.
+(b) saturation: wrk against nginx `return 200`, rounds without and with the daemon
+    interleaved: throughput ratio, every shed event (events_lost_total deltas), daemon CPU
+    and RSS.
+
+Run as root after `make setup`:  .venv/bin/python bench/load_bench.py [--rate 10000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.helpers import Daemon, Snapshot, free_port, named, nginx_args, server
+
+BENCH = Path(__file__).resolve().parent
+TRACEPARENT = "traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+KEEPALIVE = "keepalive_requests 100000000; keepalive_timeout 300s;"
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK  # utime + stime
+
+
+def rss_mib(pid: int, key: str = "VmRSS") -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def msgs(s: Snapshot, **labels: str) -> float:
+    return s.total("hopwatch_http_messages_total", **labels)
+
+
+def lost_by_reason(delta: Snapshot) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for (name, labels), v in delta.samples.items():
+        if name == "hopwatch_events_lost_total" and v:
+            out[dict(labels)["reason"]] = v
+    return out
+
+
+def pacer(exe: str, port: int, conns: int, rate: int, seconds: float) -> dict[str, Any]:
+    out = subprocess.run(
+        [exe, "127.0.0.1", str(port), str(conns), str(rate), str(seconds), TRACEPARENT],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    result: dict[str, Any] = json.loads(out)
+    return result
+
+
+def wrk(exe: str, port: int, seconds: int, conns: int) -> dict[str, float]:
+    out = subprocess.run(
+        [exe, "-t1", f"-c{conns}", f"-d{seconds}s", "-H", TRACEPARENT, f"http://127.0.0.1:{port}/"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    m = re.search(r"(\d+) requests in ([\d.]+)s", out)
+    assert m, out
+    return {"requests": float(m.group(1)), "seconds": float(m.group(2))}
+
+
+def steady(tmp: Path, port: int, pacer_exe: str, rate: int, seconds: float) -> dict[str, Any]:
+    res: dict[str, Any] = {"rate": rate, "seconds": seconds}
+    res["without"] = pacer(pacer_exe, port, 64, rate, seconds)
+    d = Daemon(tmp, name="hw_load")
+    try:
+        before = d.settle()
+        cpu0 = cpu_seconds(d.proc.pid)
+        res["with"] = pacer(pacer_exe, port, 64, rate, seconds)
+        after = d.settle(timeout=30)
+        cpu = cpu_seconds(d.proc.pid) - cpu0
+        delta = after - before
+        client_req = msgs(delta, process="lb_pacer", direction="outbound", kind="request")
+        server_req = msgs(delta, process="lb_nginx", direction="inbound", kind="request")
+        observed = msgs(delta, process="lb_pacer") + msgs(delta, process="lb_nginx")
+        res["daemon"] = {
+            "client_requests_counted": client_req,
+            "server_requests_counted": server_req,
+            "w3c_client_requests": msgs(
+                delta, process="lb_pacer", direction="outbound", kind="request", context="w3c"
+            ),
+            "messages_observed": observed,
+            "all_messages": delta.total("hopwatch_http_messages_total"),
+            "cpu_s": cpu,
+            "cpu_us_per_message": cpu / max(1.0, delta.total("hopwatch_http_messages_total")) * 1e6,
+            "rss_mib": rss_mib(d.proc.pid),
+            "lost": lost_by_reason(delta),
+            "desyncs": delta.total("hopwatch_stream_desyncs_total"),
+        }
+    finally:
+        d.stop()
+    return res
+
+
+def saturation(tmp: Path, port: int, wrk_exe: str, rounds: int, seconds: int) -> dict[str, Any]:
+    without: list[dict[str, float]] = []
+    with_: list[dict[str, Any]] = []
+    for r in range(rounds):
+        without.append(wrk(wrk_exe, port, seconds, 32))
+        sub = tmp / f"sat{r}"
+        sub.mkdir()
+        d = Daemon(sub, name="hw_load")
+        try:
+            before = d.settle()
+            cpu0 = cpu_seconds(d.proc.pid)
+            w = wrk(wrk_exe, port, seconds, 32)
+            after = d.settle(timeout=60)
+            delta = after - before
+            with_.append(
+                {
+                    **w,
+                    "cpu_s": cpu_seconds(d.proc.pid) - cpu0,
+                    "rss_mib": rss_mib(d.proc.pid),
+                    "hwm_mib": rss_mib(d.proc.pid, "VmHWM"),
+                    "client_requests_counted": msgs(
+                        delta, process="lb_wrk", direction="outbound", kind="request"
+                    ),
+                    "server_requests_counted": msgs(
+                        delta, process="lb_nginx", direction="inbound", kind="request"
+                    ),
+                    "lost": lost_by_reason(delta),
+                    "gap_bytes": delta.total("hopwatch_stream_gap_bytes_total"),
+                    "desyncs": delta.total("hopwatch_stream_desyncs_total"),
+                }
+            )
+        finally:
+            d.stop()
+    rps_without = [w["requests"] / w["seconds"] for w in without]
+    rps_with = [w["requests"] / w["seconds"] for w in with_]
+    return {
+        "rounds": rounds,
+        "seconds": seconds,
+        "without": without,
+        "with": with_,
+        "rps_without": rps_without,
+        "rps_with": rps_with,
+        "ratio": sum(rps_with) / sum(rps_without),
+    }
+
+
+def report(st: dict[str, Any], sat: dict[str, Any]) -> str:
+    w, wo, dm = st["with"], st["without"], st["daemon"]
+    completed = w["completed"]
+    lines = [
+        "# Load benchmark (bench/load_bench.py)",
+        "",
+        f"Machine: {os.cpu_count()} CPUs, kernel {os.uname().release}. Written by "
+        "`.venv/bin/python bench/load_bench.py` (root).",
+        "",
+        "## (a) Steady load",
+        "",
+        f"bench/pacer.c: {st['rate']} requests/s for {st['seconds']} s over 64 keep-alive "
+        "connections to nginx `return 200` (1 worker) on loopback, `traceparent` on every "
+        "request; latency measured from the time each request was due.",
+        "",
+        "| | requests completed | achieved req/s | p50 µs | p99 µs | p99.9 µs |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        f"| without daemon | {wo['completed']} | {wo['rate']:.0f} | {wo['p50_us']} | "
+        f"{wo['p99_us']} | {wo['p999_us']} |",
+        f"| with daemon | {w['completed']} | {w['rate']:.0f} | {w['p50_us']} | "
+        f"{w['p99_us']} | {w['p999_us']} |",
+        "",
+        "| daemon | value |",
+        "| --- | ---: |",
+        f"| client requests counted / completed | {dm['client_requests_counted']:.0f} / "
+        f"{completed} = {100 * dm['client_requests_counted'] / completed:.3f} % |",
+        f"| nginx inbound requests counted / completed | {dm['server_requests_counted']:.0f} / "
+        f"{completed} = {100 * dm['server_requests_counted'] / completed:.3f} % |",
+        f"| client requests counted as w3c | {dm['w3c_client_requests']:.0f} |",
+        f"| messages observed (all processes) | {dm['all_messages']:.0f} |",
+        f"| daemon CPU | {dm['cpu_s']:.2f} s |",
+        f"| daemon CPU per observed message | {dm['cpu_us_per_message']:.2f} µs |",
+        f"| daemon RSS | {dm['rss_mib']:.0f} MiB |",
+        f"| lost events by reason | {dm['lost'] or 'none'} |",
+        f"| stream desyncs | {dm['desyncs']:.0f} |",
+        "",
+        "## (b) Saturation",
+        "",
+        f"`wrk -t1 -c32 -d{sat['seconds']}s -H traceparent:...` against the same nginx, "
+        f"{sat['rounds']} rounds, each without then with the daemon (started fresh).",
+        "",
+        "| round | req/s without | req/s with | ratio | daemon CPU s | RSS MiB (peak) | "
+        "client requests counted | nginx requests counted | lost by reason | gap bytes | "
+        "desyncs |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
+    ]
+    for i, (a, b, x) in enumerate(
+        zip(sat["rps_without"], sat["rps_with"], sat["with"], strict=True)
+    ):
+        lines.append(
+            f"| {i + 1} | {a:.0f} | {b:.0f} | {b / a:.3f} | {x['cpu_s']:.1f} | "
+            f"{x['rss_mib']:.0f} ({x['hwm_mib']:.0f}) | {x['client_requests_counted']:.0f} / "
+            f"{x['requests']:.0f} | {x['server_requests_counted']:.0f} | {x['lost'] or 'none'} | "
+            f"{x['gap_bytes']:.0f} | {x['desyncs']:.0f} |"
+        )
+    lines += [
+        "",
+        f"Throughput with ÷ without (sum over rounds): **{sat['ratio']:.3f}**.",
+        "",
+        "Raw figures:",
+        "",
+        "```json",
+        json.dumps({"steady": st, "saturation": sat}, indent=1),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rate", type=int, default=10_000)
+    ap.add_argument("--seconds", type=float, default=20)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--wrk-seconds", type=int, default=10)
+    ap.add_argument("--out", default=str(BENCH / "RESULTS-load.md"))
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="hw-load-"))
+    try:
+        subprocess.run(["gcc", "-O2", "-o", str(tmp / "pacer"), str(BENCH / "pacer.c")], check=True)
+        pacer_exe = named(tmp, "lb_pacer", str(tmp / "pacer"))
+        wrk_exe = named(tmp, "lb_wrk", "wrk")
+        port = free_port()
+        with server(nginx_args(tmp, "lb_nginx", f"127.0.0.1:{port}", KEEPALIVE), port):
+            st = steady(tmp, port, pacer_exe, args.rate, args.seconds)
+            print(json.dumps(st), flush=True)
+            sat = saturation(tmp, port, wrk_exe, args.rounds, args.wrk_seconds)
+            print(json.dumps(sat), flush=True)
+        Path(args.out).write_text(report(st, sat))
+        print(f"wrote {args.out}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

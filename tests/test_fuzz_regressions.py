@@ -1,0 +1,98 @@
+"""The fuzz harness's oracle (fuzz/hopwatch_fuzz.py) over its seeds and edge inputs.
+
+`make fuzz` found no crash in its campaigns so far (docs/performance.md has the counts);
+each crash it finds is added to EDGE_CASES with the target it crashed. The seeds (the real
+captures) and these inputs run through the same entry points and the same crash definition
+(an escaping exception or an ``*.internal_error`` event), without atheris.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from tests.helpers import REPO
+
+
+def _harness() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("hopwatch_fuzz", REPO / "fuzz/hopwatch_fuzz.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["hopwatch_fuzz"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+FUZZ = _harness()
+
+#: (target, input) pairs: inputs that hit edges of the record format and the parsers.
+EDGE_CASES: list[tuple[str, bytes]] = [
+    ("http1", b""),
+    (
+        "http1",
+        FUZZ.encode([(False, b"GET / HTTP/1.1\r\nContent-Length: 99999999999999999999\r\n\r\n")]),
+    ),
+    (
+        "http1",
+        FUZZ.encode(
+            [
+                (
+                    False,
+                    b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffffff\r\n",
+                )
+            ]
+        ),
+    ),
+    (
+        "http1",
+        FUZZ.encode([(False, b"GET / HTTP/1.1\r\n")])
+        + bytes([2, 0xFF, 0xFF])
+        + FUZZ.encode([(False, b"\r\n")]),
+    ),
+    (
+        "http2",
+        FUZZ.encode(
+            [(False, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\xff\xff\xff\x01\x04\x00\x00\x00\x01")]
+        ),
+    ),
+    (
+        "conn",
+        FUZZ.encode(
+            [
+                (False, b"CONNECT a:443 HTTP/1.1\r\n\r\n"),
+                (True, b"HTTP/1.1 200 OK\r\n\r\n\x16\x03\x01"),
+            ]
+        ),
+    ),
+    ("header", bytes([0]) + b"00-" + b"0" * 32 + b"-" + b"0" * 16 + b"-01"),
+    ("header", bytes([2]) + b"k=" + b"%" * 9000),
+    ("header", bytes([3]) + b"\x00\xff-\n-"),
+]
+
+
+def _seeds(tmp: Path) -> list[tuple[str, bytes]]:
+    FUZZ.seed(tmp)
+    return [(t, p.read_bytes()) for t in FUZZ.TARGETS for p in sorted((tmp / t).iterdir())]
+
+
+def test_every_target_runs_every_seed(tmp_path: Path) -> None:
+    cases = _seeds(tmp_path)
+    assert {t for t, _ in cases} == set(FUZZ.TARGETS)
+    for target, data in cases:
+        FUZZ.ONE[target](data)
+
+
+@pytest.mark.parametrize(("target", "data"), EDGE_CASES)
+def test_edge_inputs_do_not_crash(target: str, data: bytes) -> None:
+    FUZZ.ONE[target](data)
+
+
+def test_the_oracle_turns_internal_errors_into_crashes() -> None:
+    from hopwatch.protocols import ParseFailed
+
+    with pytest.raises(FUZZ.InternalError):
+        FUZZ._raise_internal([ParseFailed(None, "http1.internal_error", "boom")])  # type: ignore[arg-type]
