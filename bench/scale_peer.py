@@ -19,11 +19,14 @@ TRACEPARENT = b"traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b
 
 
 def raise_nofile(n: int) -> None:
-    resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))
+    """Up to the hard limit (raising it needs CAP_SYS_RESOURCE, absent in containers)."""
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    n = n if hard == resource.RLIM_INFINITY else min(n, hard)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (n, hard))
 
 
 def serve(ports: list[int]) -> None:
-    raise_nofile(300_000)
+    raise_nofile(1 << 20)
     sel = selectors.EpollSelector()
     listeners = set()
     for port in ports:
