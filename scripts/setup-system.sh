@@ -8,7 +8,7 @@
 #  - tracefs/debugfs mounted.
 set -euo pipefail
 
-APT_PACKAGES="bpfcc-tools python3-bpfcc python3-venv iproute2 curl nginx-light haproxy tcpdump prometheus systemd libcap2-bin util-linux python3-yaml"
+APT_PACKAGES="bpfcc-tools python3-bpfcc python3-venv iproute2 curl nginx-light haproxy tcpdump prometheus systemd libcap2-bin util-linux python3-yaml bpftool wrk"
 # Node.js: the distro package only where no node is installed (some images ship nodesource's).
 command -v node >/dev/null 2>&1 || APT_PACKAGES="$APT_PACKAGES nodejs"
 command -v npm >/dev/null 2>&1 || APT_PACKAGES="$APT_PACKAGES npm"
