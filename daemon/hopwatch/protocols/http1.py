@@ -190,8 +190,10 @@ def _trie(words: list[bytes]) -> bytes:
 
 _KEYS = _header_keys()
 _FAST_NAMES = sorted(n.encode("ascii") for n in (*PROPAGATION_HEADERS, *_FRAMING))
-# Only used on heads without obs-fold (`_fast_head` checks), so a value is one line.
-_FAST_HEADER = re.compile(rb"\n(?i:(" + _trie(_FAST_NAMES) + rb")):([^\n]*)")
+# Every line start of the head is visited: a wanted header gives (name, value, b""); an
+# obs-fold line or an empty line (an LF-only head end) gives (b"", b"", the odd byte),
+# which leaves the head to the general rules.
+_FAST_HEADER = re.compile(rb"\n(?:(?i:(" + _trie(_FAST_NAMES) + rb")):([^\n]*)|([ \t\n]))")
 
 
 def _lookup(name: bytes) -> str:
@@ -431,7 +433,7 @@ class Http1Parser:
         all in the chunk), or 0 to leave the chunk to the general path (having changed
         nothing). Gives exactly what `_idle` (and `_run` over the body) would."""
         i = data.find(b"\n\r\n")
-        if i < 0 or data.find(b"\n\n", 0, i + 1) >= 0:
+        if i < 0:
             return 0
         end = i + 3
         is_client = side.is_client
@@ -441,13 +443,13 @@ class Http1Parser:
         s = m.end() - 1
         if s > self._max_buffer:  # over the bound
             return 0
-        if data.find(b"\n ", s, end) >= 0 or data.find(b"\n\t", s, end) >= 0:
-            return 0  # obs-fold: the general rules
         kept: list[tuple[str, str]] = []
         size = 0
         cap = self._max_value
         host = cl = None
-        for name, raw in _FAST_HEADER.findall(data, s, end):
+        for name, raw, odd in _FAST_HEADER.findall(data, s, end):
+            if odd:  # obs-fold, or the head ended earlier at an LF-only empty line
+                return 0
             key = _KEYS.get(name) or _KEYS[name.lower()]
             value = raw.strip(_OWS)
             if len(value) > cap:
