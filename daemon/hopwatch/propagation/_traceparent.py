@@ -17,7 +17,7 @@ import re
 
 from ._model import MALFORMED, Finding, TraceContext, new_context
 
-__all__ = ["check_traceparent", "duplicate_finding"]
+__all__ = ["check_traceparent", "duplicate_finding", "valid_traceparent"]
 
 HEADER = "traceparent"
 _OWS = " \t"
@@ -54,6 +54,18 @@ def check_traceparent(value: str, out: list[Finding]) -> TraceContext | None:
     trace_id, span_id, flags = m.groups()
     if trace_id == _ZERO_TRACE or span_id == _ZERO_SPAN:
         return _diagnose(value, out)
+    return new_context("w3c", trace_id, span_id, flags[1] in _SAMPLED_LAST_DIGIT)
+
+
+def valid_traceparent(value: str) -> TraceContext | None:
+    """The context of an exactly well-formed version-00 value (no OWS), else ``None``
+    (which means only "not the fast case": ask `check_traceparent`)."""
+    m = _FAST.fullmatch(value)
+    if m is None:
+        return None
+    trace_id, span_id, flags = m.groups()
+    if trace_id == _ZERO_TRACE or span_id == _ZERO_SPAN:
+        return None
     return new_context("w3c", trace_id, span_id, flags[1] in _SAMPLED_LAST_DIGIT)
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from ._b3 import MULTI_HEADERS, SAMPLED, TRACE_ID, check_b3_multi, check_b3_single
 from ._baggage import check_baggage
 from ._model import CONFLICT, MALFORMED, OVERSIZED, Finding, Limits, TraceContext
-from ._traceparent import check_traceparent, duplicate_finding
+from ._traceparent import check_traceparent, duplicate_finding, valid_traceparent
 from ._tracestate import check_tracestate
 
 __all__ = ["DEFAULT_LIMITS", "HEADER_NAMES", "Verdict", "check_header", "check_message"]
@@ -80,6 +80,9 @@ def _new_verdict(
     return v
 
 
+_NOTHING = _new_verdict(_NO_FINDINGS, None, None, False)  # immutable, so shared
+
+
 def check_message(
     headers: Iterable[tuple[str, str]],
     limits: Limits = DEFAULT_LIMITS,
@@ -94,6 +97,19 @@ def check_message(
     ``sensitive=False`` skips the baggage privacy detectors; a frozenset of detector codes
     (keys of ``SENSITIVE_DETECTORS``) runs only those.
     """
+    # Fast paths for what most messages carry (the parsers hand over a tuple): nothing
+    # (most responses) or one valid traceparent. They return what `_check` would.
+    if type(headers) is tuple and (
+        header_block_bytes is None or header_block_bytes <= limits.header_block_bytes
+    ):
+        if not headers:
+            return _NOTHING
+        if len(headers) == 1:
+            name, value = headers[0]
+            if name == "traceparent":
+                w3c = valid_traceparent(value)
+                if w3c is not None:
+                    return _new_verdict(_NO_FINDINGS, w3c, None, False)
     return _check(headers, limits, header_block_bytes, sensitive, set_rules=True)
 
 
