@@ -881,20 +881,21 @@ class Http2Parser:
         if authority is None:
             authority = host
         events.append(
-            MessageParsed(
+            MessageParsed(  # positional: keywords would double the cost of building it
                 origin,
                 "http2",
-                method=method.decode("latin-1") if method is not None else None,
-                path=path.decode("latin-1") if path is not None else None,
-                status=status,
-                authority=authority.decode("latin-1") if authority is not None else None,
-                headers=tuple(headers),
-                inferred_headers=tuple(inferred),
-                header_block_bytes=state.size,
-                stream_id=sid,
-                informational=informational,
-                end_stream=block.end_stream,
-                truncated=block.overflow or block.broken is not None,
+                method.decode("latin-1") if method is not None else None,
+                path.decode("latin-1") if path is not None else None,
+                status,
+                authority.decode("latin-1") if authority is not None else None,
+                tuple(headers),
+                tuple(inferred),
+                state.size,
+                None,  # body_bytes: DATA frames are skipped here
+                sid,
+                informational,
+                block.end_stream,
+                block.overflow or block.broken is not None,
             )
         )
         if block.end_stream:
