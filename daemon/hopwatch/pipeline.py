@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
-from typing import Protocol
+from typing import Any, Protocol
 
 from hopwatch.capture._types import (
     CaptureEvent,
@@ -133,6 +133,9 @@ class Pipeline:
                 observer.resolve_local = self.with_local  # type: ignore[attr-defined]
         self.audit = audit
         self.lost: dict[str, int] = {}
+        # Prometheus label children of the hot counters (a labels() call costs ~1 µs).
+        self._chunk_children: dict[str, tuple[Any, Any]] = {}
+        self._message_children: dict[tuple[str, str, str, str, str], Any] = {}
         self.tls_ciphertext_chunks = 0  # socket bytes of TLS connections kept from the parsers
 
     @property
@@ -206,8 +209,12 @@ class Pipeline:
     def _data(self, chunk: DataChunk) -> None:
         m = self.metrics
         direction = chunk.direction.value
-        m.chunks.labels(direction).inc()
-        m.bytes.labels(direction).inc(len(chunk.data))
+        children = self._chunk_children.get(direction)
+        if children is None:
+            children = (m.chunks.labels(direction), m.bytes.labels(direction))
+            self._chunk_children[direction] = children
+        children[0].inc()
+        children[1].inc(len(chunk.data))
         conn = self.conns.get_or_adopt(chunk.tgid, chunk.fd, chunk.ts_ns, chunk.comm)
         if conn is None:
             m.unknown_fd.inc()
@@ -330,7 +337,12 @@ class Pipeline:
         m = self.metrics
         process = m.process_label(obs.process)
         msg = obs.message
-        m.messages.labels(obs.direction, msg.kind, msg.protocol, obs.verdict.context, process).inc()
+        key = (obs.direction, msg.kind, msg.protocol, obs.verdict.context, process)
+        child = self._message_children.get(key)
+        if child is None:
+            # Bounded: 2 x 2 x 2 x 4 x the process label cap.
+            child = self._message_children[key] = m.messages.labels(*key)
+        child.inc()
         if not obs.verdict.findings:
             return
         peer = m.peer_label(peer_label(obs))
