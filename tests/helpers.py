@@ -152,6 +152,54 @@ class Daemon:
         return self.proc.returncode
 
 
+@dataclass(frozen=True)
+class NetNS:
+    name: str
+    host_ip: str  # the root namespace's end of the veth pair
+    ns_ip: str  # the namespace's end
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True)
+
+
+@contextlib.contextmanager
+def veth_namespace(prefix: str, subnet: str) -> Iterator[NetNS]:
+    """A network namespace joined to the root namespace by a veth pair.
+
+    `prefix` (2-3 letters) names the namespace and links, `subnet` is the first two octets
+    ("10.213"); the /30 inside it and the names are unique per test run.
+    """
+    tag = os.getpid() % 250
+    name, host_if, ns_if = f"{prefix}t{tag}", f"{prefix}h{tag}", f"{prefix}n{tag}"
+    ns = NetNS(name, f"{subnet}.{tag}.1", f"{subnet}.{tag}.2")
+    subprocess.run(["ip", "netns", "del", name], capture_output=True)
+    subprocess.run(["ip", "link", "del", host_if], capture_output=True)
+    try:
+        _ip("netns", "add", name)
+        _ip("link", "add", host_if, "type", "veth", "peer", "name", ns_if)
+        _ip("link", "set", ns_if, "netns", name)
+        _ip("addr", "add", f"{ns.host_ip}/30", "dev", host_if)
+        _ip("link", "set", host_if, "up")
+        _ip("-n", name, "addr", "add", f"{ns.ns_ip}/30", "dev", ns_if)
+        _ip("-n", name, "link", "set", ns_if, "up")
+        _ip("-n", name, "link", "set", "lo", "up")
+        yield ns
+    finally:
+        subprocess.run(["ip", "link", "del", host_if], capture_output=True)
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+def counts(delta: Delta, process: str) -> dict[tuple[str, str, str, str], float]:
+    """(direction, kind, protocol, context) -> messages counted for one process."""
+    out: dict[tuple[str, str, str, str], float] = {}
+    for labels, value in delta.series("hopwatch_http_messages_total", process=process).items():
+        d = dict(labels)
+        key = (d["direction"], d["kind"], d["protocol"], d["context"])
+        out[key] = out.get(key, 0) + value
+    return out
+
+
 def named(tmp: Path, name: str, target: str) -> str:
     """A symlink named `name` (<= 15 chars: the kernel's comm) to the executable `target`."""
     assert len(name) <= 15, name
@@ -271,13 +319,17 @@ __all__ = [
     "SYSTEM_PYTHON",
     "Daemon",
     "Delta",
+    "NetNS",
     "Snapshot",
+    "counts",
     "free_port",
     "named",
+    "nginx_args",
     "python_env",
     "run",
     "scrape",
     "server",
     "sys",
+    "veth_namespace",
     "wait_port",
 ]

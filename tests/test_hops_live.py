@@ -13,10 +13,8 @@ hosts: it is a pure test and carries no `kernel` mark.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
-import subprocess
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -25,17 +23,18 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import NetNS
 from tests.helpers import (
     REPO,
     SYSTEM_PYTHON,
     Daemon,
     Delta,
+    NetNS,
     Snapshot,
     free_port,
     named,
     run,
     server,
+    veth_namespace,
 )
 
 PEERS = REPO / "tests" / "peers"
@@ -55,31 +54,11 @@ Key = tuple[str, str, str]  # (finding, header, peer)
 # -- fixtures ---------------------------------------------------------------------------------
 
 
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True)
-
-
 @pytest.fixture(scope="module")
 def third_party() -> Iterator[NetNS]:
     """A namespace outside the module daemon's allowlist (10.214.x.0/30)."""
-    tag = os.getpid() % 250
-    name, host_if, ns_if = f"hwx{tag}", f"hxh{tag}", f"hxn{tag}"
-    ns = NetNS(name, f"10.214.{tag}.1", f"10.214.{tag}.2")
-    subprocess.run(["ip", "netns", "del", name], capture_output=True)
-    subprocess.run(["ip", "link", "del", host_if], capture_output=True)
-    try:
-        _ip("netns", "add", name)
-        _ip("link", "add", host_if, "type", "veth", "peer", "name", ns_if)
-        _ip("link", "set", ns_if, "netns", name)
-        _ip("addr", "add", f"{ns.host_ip}/30", "dev", host_if)
-        _ip("link", "set", host_if, "up")
-        _ip("-n", name, "addr", "add", f"{ns.ns_ip}/30", "dev", ns_if)
-        _ip("-n", name, "link", "set", ns_if, "up")
-        _ip("-n", name, "link", "set", "lo", "up")
+    with veth_namespace("hx", "10.214") as ns:
         yield ns
-    finally:
-        subprocess.run(["ip", "link", "del", host_if], capture_output=True)
-        subprocess.run(["ip", "netns", "del", name], capture_output=True)
 
 
 @pytest.fixture(scope="module")

@@ -14,12 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import NetNS
 from tests.helpers import (
     REPO,
     SYSTEM_PYTHON,
     Daemon,
     Delta,
+    NetNS,
+    counts,
     free_port,
     named,
     nginx_args,
@@ -33,18 +34,7 @@ pytestmark = pytest.mark.kernel
 PEERS = REPO / "tests" / "peers"
 TP = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 B3 = "0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-1"
-MSG = "hopwatch_http_messages_total"
 FIND = "hopwatch_findings_total"
-
-
-def counts(delta: Delta, process: str) -> dict[tuple[str, str, str, str], float]:
-    """(direction, kind, protocol, context) -> count for one process."""
-    out: dict[tuple[str, str, str, str], float] = {}
-    for labels, value in delta.series(MSG, process=process).items():
-        d = dict(labels)
-        key = (d["direction"], d["kind"], d["protocol"], d["context"])
-        out[key] = out.get(key, 0) + value
-    return out
 
 
 def findings(delta: Delta, process: str) -> dict[tuple[str, str], float]:
