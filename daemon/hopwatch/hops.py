@@ -156,8 +156,20 @@ def _join(host: str, port: int | None) -> str:
     return h if port is None else f"{h}:{port}"
 
 
+_AUTHORITIES: dict[str, tuple[str, int | None]] = {}  # a node names few hosts: bounded cache
+
+
 def _split_authority(authority: str) -> tuple[str, int | None]:
     """'Host:port', '[v6]:port', 'host' -> (host lowercase, port or None)."""
+    known = _AUTHORITIES.get(authority)
+    if known is None:
+        if len(_AUTHORITIES) >= 4096:
+            _AUTHORITIES.clear()
+        known = _AUTHORITIES[authority] = _parse_authority(authority)
+    return known
+
+
+def _parse_authority(authority: str) -> tuple[str, int | None]:
     a = authority.strip().lower()
     if "@" in a:  # userinfo never belongs here, but never judge by it
         a = a.rsplit("@", 1)[1]
@@ -318,6 +330,9 @@ def _origin_path(path: str | None) -> str | None:
     return path
 
 
+_VERDICT_CACHE = 4096  # allowlist verdicts kept per analyzer
+
+
 class HopAnalyzer:
     """Pipeline observer producing the hop findings (see the module docstring).
 
@@ -349,11 +364,37 @@ class HopAnalyzer:
         # Set by the `Pipeline` this observes: completes an observation's local address
         # before it reaches the audit log.
         self.resolve_local: Callable[[Observation], Observation] | None = None
+        # Allowlist verdicts by destination / client address: a CIDR test parses the address
+        # (~4 µs), and a node talks to few distinct peers. Bounded; emptied on reload.
+        self._allowed: dict[Destination, bool | None] = {}
+        self._clients_allowed: dict[str, bool] = {}
 
     # -- lifecycle --------------------------------------------------------------------------
     def update_config(self, config: Config) -> None:
         """SIGHUP: the new allowlist applies to the next message."""
         self.config = config
+        self._allowed.clear()
+        self._clients_allowed.clear()
+
+    def _dest_allowed(self, dest: Destination) -> bool | None:
+        cache = self._allowed
+        try:
+            return cache[dest]
+        except KeyError:
+            pass
+        if len(cache) >= _VERDICT_CACHE:
+            cache.clear()
+        verdict = cache[dest] = is_allowed(self.config.egress_allow, dest)
+        return verdict
+
+    def _client_allowed(self, ip: str) -> bool:
+        cache = self._clients_allowed
+        verdict = cache.get(ip)
+        if verdict is None:
+            if len(cache) >= _VERDICT_CACHE:
+                cache.clear()
+            verdict = cache[ip] = _client_allowed(self.config.egress_allow, ip)
+        return verdict
 
     def process_exited(self, tgid: int) -> None:
         self._procs.pop(tgid, None)
@@ -502,8 +543,10 @@ class HopAnalyzer:
 
     def _response_leak(self, obs: Observation, seen: set[tuple[str, str]]) -> None:
         peer = obs.peer
+        if peer is None or self._client_allowed(peer.host):
+            return
         names = self._header_names(obs)
-        if not names or peer is None or _client_allowed(self.config.egress_allow, peer.host):
+        if not names:
             return
         trace_id = _first_trace_id(obs.verdict)
         for name in names:
@@ -705,10 +748,10 @@ class HopAnalyzer:
         return list(dict.fromkeys(n for n, _ in (*msg.headers, *msg.inferred_headers)))
 
     def _leak(self, obs: Observation, dest: Destination, seen: set[tuple[str, str]]) -> None:
+        if self._dest_allowed(dest) is not False:
+            return
         names = self._header_names(obs)
         if not names:
-            return
-        if is_allowed(self.config.egress_allow, dest) is not False:
             return
         reason = {
             "direct": "leak.destination_not_allowed",

@@ -62,7 +62,8 @@ class CaptureControl(Protocol):
     ) -> bool: ...
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: one is built per message, and a frozen dataclass's __init__ costs ~5x more.
+@dataclass(slots=True)
 class Observation:
     """One HTTP message seen by one observed process."""
 

@@ -205,6 +205,10 @@ _HDR = struct.Struct("<BBBBiIIQ16s")
 _DATA = struct.Struct("<QQQIIQ")
 _CONN = struct.Struct("<HHI16sQ")
 _TLS = struct.Struct("<QII")
+_HDR_DATA = struct.Struct(_HDR.format + _DATA.format.removeprefix("<"))
+_DATA_START = _HDR_DATA.size
+_DF_WHOLE = DF_FIRST | DF_LAST
+_DIRECTIONS = (Direction.SEND, Direction.RECV)
 assert _HDR.size == ct.sizeof(EvHdr)
 assert _HDR.size + _DATA.size == ct.sizeof(DataHdr)
 assert _HDR.size + _CONN.size == ct.sizeof(ConnEv)
@@ -319,6 +323,7 @@ class LiveCapture:
         self.source = source or BPF_SOURCE
         self._bpf: Any = None
         self._raw: list[bytes] = []
+        self._comms: dict[bytes, str] = {}  # raw comm field -> name (bounded)
         self._slots: collections.deque[CaptureEvent | _Pending] = collections.deque()
         self._pending: dict[int, tuple[int, _Pending]] = {}  # tid -> (ts_ns, pending)
         self._cookies: dict[tuple[int, int], int] = {}  # (tgid, fd) -> connection cookie
@@ -694,6 +699,14 @@ class LiveCapture:
         """Wait up to ``timeout_ms`` for records; return the events completed so far."""
         bpf = self._require()
         bpf.ring_buffer_poll(timeout_ms)
+        out = self._drain()
+        out.extend(self._lost())
+        if self.config.tls and (self._exec_pids or time.monotonic() >= self._next_rescan):
+            self._tls_scan()
+        return out
+
+    def _drain(self) -> list[CaptureEvent]:
+        """Decode the records read so far; return the events completed, in ring order."""
         raw, self._raw = self._raw, []
         for rec in raw:
             self._record(rec)
@@ -718,9 +731,6 @@ class LiveCapture:
                     self._tls_forget(head.tgid)
                 out.append(head)
             slots.popleft()
-        out.extend(self._lost())
-        if self.config.tls and (self._exec_pids or time.monotonic() >= self._next_rescan):
-            self._tls_scan()
         return out
 
     def _tls_out(self, ssl: int, ev: DataChunk, out: list[CaptureEvent]) -> None:
@@ -782,10 +792,30 @@ class LiveCapture:
         return out
 
     def _record(self, rec: bytes) -> None:
+        if rec[0] == EV_DATA:
+            (_k, d, flags, _r, fd, tgid, tid, ts, comm, total, offset, skipped, chunk_off,
+             chunk_len, ssl) = _HDR_DATA.unpack_from(rec)
+            if (
+                flags & _DF_WHOLE == _DF_WHOLE
+                and not ssl
+                and chunk_off == 0
+                and tid not in self._pending
+            ):
+                # The common case: one record holds the whole syscall. No reassembly.
+                name = self._comms.get(comm)
+                if name is None:
+                    name = self._comm_name(comm)
+                self._slots.append(
+                    DataChunk(
+                        tgid, tid, fd, _DIRECTIONS[d], ts, total,
+                        rec[_DATA_START : _DATA_START + chunk_len], skipped, False, name, offset,
+                    )
+                )
+                return
+            self._data(rec, (_k, d, flags, _r, fd, tgid, tid, ts, comm))
+            return
         kind, d, flags, role, fd, tgid, tid, ts, comm = _HDR.unpack_from(rec)
-        if kind == EV_DATA:
-            self._data(rec, (kind, d, flags, role, fd, tgid, tid, ts, comm))
-        elif kind == EV_OPEN:
+        if kind == EV_OPEN:
             family, port, _pad, addr, cookie = _CONN.unpack_from(rec, _HDR.size)
             self._cookies[(tgid, fd)] = cookie
             self._ctl.pop((tgid, fd), None)
@@ -822,6 +852,12 @@ class LiveCapture:
                 UnknownFd(tgid, tid, fd, Direction.SEND if d == 0 else Direction.RECV,
                           HINT_ROLES.get(flags, ""), ts, _comm(comm))
             )
+
+    def _comm_name(self, raw: bytes) -> str:
+        if len(self._comms) >= 4096:
+            self._comms.clear()
+        name = self._comms[raw] = _comm(raw)
+        return name
 
     def _forget(self, tgid: int, fd: int, *, delete: bool = False) -> None:
         self._cookies.pop((tgid, fd), None)
