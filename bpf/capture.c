@@ -817,6 +817,7 @@ struct cursor {
     u64 len;
     u64 total;
     u64 skip;
+    u64 fill;       // bytes packed in the scratch record, not yet emitted (< CHUNK_SIZE)
     u32 calls;
     u8 kind;
     u8 stop;        // 1: stopped early (bound, fault), 2: ring full
@@ -919,18 +920,47 @@ static __always_inline int sniff_gate(struct data_args *a, struct dir_state *ds,
     return 0;
 }
 
-static __always_inline void copy_finish(volatile struct cursor *s, struct data_ev *ev) {
+// Emit the record packed so far (s->fill bytes at ev->data): segments of one syscall (the
+// iovecs of a writev, the messages of a sendmmsg) share records, CHUNK_SIZE bytes at most
+// each. Returns 1 when the ring is full (the record is lost, counted).
+static __always_inline int emit_fill(volatile struct cursor *s, struct data_ev *ev, int last) {
+    u64 fill = s->fill;
     u64 copied = s->copied;
-    if (!s->last_sent && s->stop != 2) {
-        // Nothing copied, or stopped early: a header-only record closes the syscall.
-        ev->chunk_off = (u32)copied;
-        ev->chunk_len = 0;
-        ev->h.flags = (copied == 0 ? DF_FIRST : 0) | DF_LAST | (ev->h.flags & DF_NODATA);
-        if (events.ringbuf_output(ev, offsetof(struct data_ev, data), 0) != 0)
-            count(C_RING_FULL, 1);
-        else
-            count(C_EVENTS, 1);
+    fill &= 2 * CHUNK_SIZE - 1;  // a no-op (fill <= CHUNK_SIZE): bounds the output size
+    ev->chunk_off = (u32)copied;
+    ev->chunk_len = (u32)fill;
+    ev->h.flags = (copied == 0 ? DF_FIRST : 0) | (last ? DF_LAST : 0);
+    s->fill = 0;
+    if (events.ringbuf_output(ev, offsetof(struct data_ev, data) + fill, 0) != 0) {
+        count(C_RING_FULL, 1);
+        return 1;
     }
+    count(C_EVENTS, 1);
+    count(C_BYTES, fill);
+    s->copied = copied + fill;
+    s->last_sent = last;
+    return 0;
+}
+
+static __always_inline void copy_finish(volatile struct cursor *s, struct data_ev *ev) {
+    if (!s->last_sent && s->stop != 2) {
+        if (s->fill) {
+            // Stopped before the cap with bytes packed (segments ran out, a fault, the
+            // tail-call bound): they close the syscall.
+            emit_fill(s, ev, 1);
+        } else {
+            // Nothing copied, or stopped early: a header-only record closes the syscall.
+            u64 copied = s->copied;
+            ev->chunk_off = (u32)copied;
+            ev->chunk_len = 0;
+            ev->h.flags = (copied == 0 ? DF_FIRST : 0) | DF_LAST | (ev->h.flags & DF_NODATA);
+            if (events.ringbuf_output(ev, offsetof(struct data_ev, data), 0) != 0)
+                count(C_RING_FULL, 1);
+            else
+                count(C_EVENTS, 1);
+        }
+    }
+    u64 copied = s->copied;
     u64 skip = s->skip;
     if (skip)
         count(C_SKIPPED_BYTES, skip);
@@ -1003,32 +1033,30 @@ static __always_inline void copy_loop(struct data_ev *ev, volatile struct cursor
             u64 cl = s->cap_left;
             if (n > cl)
                 n = cl;
-            if (n > CHUNK_SIZE)
-                n = CHUNK_SIZE;
-            // Through the map and back masked (a no-op: n <= CHUNK_SIZE): one verifier
-            // state for the length instead of one per path through the min() chain.
+            u64 off = s->fill & (CHUNK_SIZE - 1);  // a no-op: fill < CHUNK_SIZE here
+            if (n > CHUNK_SIZE - off)
+                n = CHUNK_SIZE - off;
+            // Through the map and back masked and bounded (no-ops: n <= CHUNK_SIZE - off):
+            // one verifier state for the length instead of one per path through the
+            // min() chain, and off + len within the 2 * CHUNK_SIZE buffer.
             s->len = n;
             u64 len = s->len;
             len &= 2 * CHUNK_SIZE - 1;
-            if (bpf_probe_read_user(ev->data, len, (void *)s->cur) != 0) {
+            if (len > CHUNK_SIZE) {
                 s->stop = 1;
                 break;
             }
-            u64 copied = s->copied;
+            if (bpf_probe_read_user(ev->data + off, len, (void *)s->cur) != 0) {
+                s->stop = 1;
+                break;
+            }
+            s->cap_left = cl - len;
+            s->fill = off + len;
             int last = len >= cl;
-            ev->chunk_off = (u32)copied;
-            ev->chunk_len = (u32)len;
-            ev->h.flags = (copied == 0 ? DF_FIRST : 0) | (last ? DF_LAST : 0);
-            if (events.ringbuf_output(ev, offsetof(struct data_ev, data) + len, 0) != 0) {
-                count(C_RING_FULL, 1);
+            if ((last || off + len >= CHUNK_SIZE) && emit_fill(s, ev, last)) {
                 s->stop = 2;
                 break;
             }
-            count(C_EVENTS, 1);
-            count(C_BYTES, len);
-            s->copied = copied + len;
-            s->cap_left = cl - len;
-            s->last_sent = last;
             n = len;
         }
         s->cur += n;
@@ -1163,6 +1191,7 @@ static __always_inline int data_exit(void *ctx, long ret, const u8 kind) {
     s->kind = kind;
     s->stop = 0;
     s->last_sent = 0;
+    s->fill = 0;
     copy_jmp.call(ctx, 0);
     // copy_step not installed (only while loading): report the syscall as a gap
     s->stop = 1;
@@ -1371,6 +1400,7 @@ static __always_inline int ssl_exit(struct pt_regs *ctx) {
     s->kind = K_BUF;
     s->stop = 0;
     s->last_sent = 0;
+    s->fill = 0;
     tls_jmp.call(ctx, 0);
     s->stop = 1;
     copy_finish(s, ev);
