@@ -287,6 +287,29 @@ _Static_assert(CHUNK_SIZE >= 64 && (CHUNK_SIZE & (CHUNK_SIZE - 1)) == 0, "CHUNK_
 _Static_assert(sizeof(struct data_ev) <= 32000, "per-CPU scratch too big: lower CHUNK_SIZE");
 
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
+
+// Wake-ups: each CPU wakes the reader on every WAKE_EVERY-th data record only; the reader
+// also drains the ring when its wait times out. A wake-up per record costs the traced
+// process (and the reader) more than the record itself at high rates. Lifecycle events
+// (open, close, exit, unknown fd, TLS) wake it at once: the reader names a connection's
+// process from /proc, which a short-lived client must still be in.
+#ifndef WAKE_EVERY
+#define WAKE_EVERY 32
+#endif
+BPF_PERCPU_ARRAY(wake_ctr, u32, 1);
+static __always_inline u64 rb_flags(void) {
+    u32 zero = 0;
+    u32 *n = wake_ctr.lookup(&zero);
+    if (!n)
+        return 0;
+    u32 v = *n + 1;
+    if (v >= WAKE_EVERY) {
+        *n = 0;
+        return BPF_RB_FORCE_WAKEUP;
+    }
+    *n = v;
+    return BPF_RB_NO_WAKEUP;
+}
 BPF_HASH(conns, struct conn_key, struct conn_val, CONN_MAX);
 BPF_HASH(ctl, struct conn_key, struct ctl_val, CONN_MAX);
 BPF_TABLE("lru_hash", struct conn_key, u8, unknown_seen, 16384);
@@ -308,6 +331,33 @@ static __always_inline void count(u32 idx, u64 n) {
     u64 *v = counters.lookup(&idx);
     if (v)
         *v += n;
+}
+
+// Shedding: once a record found the ring full, this CPU copies nothing for SHED_NS (the
+// reader is behind: the copies would be lost anyway, and the traced process pays for them).
+// Each syscall not copied counts as ring_full; its bytes become a gap the reader sees.
+#ifndef SHED_NS
+#define SHED_NS 1000000
+#endif
+BPF_PERCPU_ARRAY(shed_until, u64, 1);
+
+static __always_inline int shedding(void) {
+    u32 zero = 0;
+    u64 *t = shed_until.lookup(&zero);
+    if (!t || !*t)
+        return 0;
+    if (bpf_ktime_get_ns() < *t)
+        return 1;
+    *t = 0;
+    return 0;
+}
+
+static __always_inline void ring_was_full(void) {
+    u32 zero = 0;
+    u64 *t = shed_until.lookup(&zero);
+    if (t)
+        *t = bpf_ktime_get_ns() + SHED_NS;
+    count(C_RING_FULL, 1);
 }
 
 static __always_inline struct cfg *get_cfg(void) {
@@ -450,7 +500,7 @@ static __always_inline int emit_simple(u8 kind, u64 id, s32 fd, u8 flags, u8 dir
     fill_hdr(h, kind, id, fd);
     h->flags = flags;
     h->dir = dir;
-    events.ringbuf_submit(h, 0);
+    events.ringbuf_submit(h, 0);  // lifecycle events wake the reader at once
     count(C_EVENTS, 1);
     return 0;
 }
@@ -473,7 +523,7 @@ static __always_inline void tls_emit(u8 kind, u64 id, s32 fd, u64 ssl, u64 name_
         long n = bpf_probe_read_user_str(e->name, sizeof(e->name), (void *)name_ptr);
         e->len = n > 0 ? (u32)(n - 1) : 0;
     }
-    events.ringbuf_submit(e, 0);
+    events.ringbuf_submit(e, 0);  // lifecycle events wake the reader at once
     count(C_EVENTS, 1);
 }
 
@@ -617,7 +667,7 @@ static __always_inline int conn_exit(long ret) {
     }
     u64 cookie = e->h.ts_ns;
     e->cookie = cookie;
-    events.ringbuf_submit(e, 0);
+    events.ringbuf_submit(e, 0);  // lifecycle events wake the reader at once
     count(C_EVENTS, 1);
 
     // Insert after the event is reserved, so no data of this connection can precede it.
@@ -931,8 +981,8 @@ static __always_inline int emit_fill(volatile struct cursor *s, struct data_ev *
     ev->chunk_len = (u32)fill;
     ev->h.flags = (copied == 0 ? DF_FIRST : 0) | (last ? DF_LAST : 0);
     s->fill = 0;
-    if (events.ringbuf_output(ev, offsetof(struct data_ev, data) + fill, 0) != 0) {
-        count(C_RING_FULL, 1);
+    if (events.ringbuf_output(ev, offsetof(struct data_ev, data) + fill, rb_flags()) != 0) {
+        ring_was_full();
         return 1;
     }
     count(C_EVENTS, 1);
@@ -954,8 +1004,8 @@ static __always_inline void copy_finish(volatile struct cursor *s, struct data_e
             ev->chunk_off = (u32)copied;
             ev->chunk_len = 0;
             ev->h.flags = (copied == 0 ? DF_FIRST : 0) | DF_LAST | (ev->h.flags & DF_NODATA);
-            if (events.ringbuf_output(ev, offsetof(struct data_ev, data), 0) != 0)
-                count(C_RING_FULL, 1);
+            if (events.ringbuf_output(ev, offsetof(struct data_ev, data), rb_flags()) != 0)
+                ring_was_full();
             else
                 count(C_EVENTS, 1);
         }
@@ -1160,6 +1210,10 @@ static __always_inline int data_exit(void *ctx, long ret, const u8 kind) {
     if (cap > total - skip)
         cap = total - skip;
 
+    if (shedding()) {
+        count(C_RING_FULL, 1);
+        return 0;
+    }
     fill_hdr(&ev->h, EV_DATA, id, a.fd);
     ev->h.dir = a.dir;
     ev->h.role = cv->role;
@@ -1368,6 +1422,10 @@ static __always_inline int ssl_exit(struct pt_regs *ctx) {
         cap = MAX_CAP;
     if (cap > total - skip)
         cap = total - skip;
+    if (shedding()) {
+        count(C_RING_FULL, 1);
+        return 0;
+    }
 
     fill_hdr(&ev->h, EV_DATA, id, fd);
     ev->h.dir = dir;

@@ -29,6 +29,7 @@ import ctypes as ct
 import dataclasses
 import logging
 import os
+import re
 import socket
 import struct
 import tempfile
@@ -264,6 +265,59 @@ class _TlsMark:
     ssl: int
 
 
+_COMPILER_LIBS = ("libLLVM", "libclang")
+_MAPPING = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) (\S+) \S+ \S+ \S+\s*(.*)$")
+MADV_DONTNEED = 4
+
+
+def release_compiler_memory() -> int:
+    """Give back the memory the one-time compile left behind; returns the bytes released.
+
+    bcc compiles ``capture.c`` once, at open; afterwards LLVM and clang are not used again.
+    The heap they freed goes back to the system (``malloc_trim``), and the resident pages of
+    their read-only, never-written mappings are dropped (``MADV_DONTNEED``: they stay in the
+    page cache and fault back in from the file if ever touched again; bcc's own
+    ``bcc_free_memory`` does the same for a statically linked LLVM). A mapping with any
+    private (anonymous) page, or any writable one, is left alone.
+    """
+    libc = ct.CDLL(None, use_errno=True)
+    before = _rss_bytes()
+    try:
+        libc.malloc_trim(0)
+    except AttributeError:  # not glibc
+        pass
+    targets: list[tuple[int, int]] = []
+    current: list[int] | None = None
+    try:
+        with open("/proc/self/smaps") as smaps:
+            for line in smaps:
+                m = _MAPPING.match(line)
+                if m is not None:
+                    lo, hi, perms, path = int(m[1], 16), int(m[2], 16), m[3], m[4]
+                    name = os.path.basename(path)
+                    wanted = "w" not in perms and name.startswith(_COMPILER_LIBS)
+                    current = [lo, hi] if wanted else None
+                elif current is not None and line.startswith("Anonymous:"):
+                    if int(line.split()[1]) == 0:
+                        targets.append((current[0], current[1]))
+                    current = None
+    except OSError:
+        return 0
+    madvise = libc.madvise
+    madvise.argtypes = [ct.c_void_p, ct.c_size_t, ct.c_int]
+    for lo, hi in targets:
+        madvise(lo, hi - lo, MADV_DONTNEED)
+    return max(0, before - _rss_bytes())
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def _comm(raw: bytes) -> str:
     return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
 
@@ -415,11 +469,14 @@ class LiveCapture:
                 time.monotonic() - t1,
                 ", ".join(t.display for t in self._tls_targets) or "none found",
             )
+        released = release_compiler_memory()
         log.info(
-            "capture loaded in %.2fs (headers %s, ring %d pages)",
+            "capture loaded in %.2fs (headers %s, ring %d pages); %d MiB of compiler memory "
+            "released",
             time.monotonic() - t0,
             env.headers_source,
             _ring_pages(cfg.ring_bytes),
+            released >> 20,
         )
 
     @staticmethod
@@ -698,7 +755,10 @@ class LiveCapture:
     def poll(self, timeout_ms: int = 100) -> list[CaptureEvent]:
         """Wait up to ``timeout_ms`` for records; return the events completed so far."""
         bpf = self._require()
+        # The kernel wakes us only once enough records wait (WAKE_BYTES in capture.c):
+        # the rest are read when the wait times out.
         bpf.ring_buffer_poll(timeout_ms)
+        bpf.ring_buffer_consume()
         out = self._drain()
         out.extend(self._lost())
         if self.config.tls and (self._exec_pids or time.monotonic() >= self._next_rescan):
