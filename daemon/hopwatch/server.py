@@ -7,6 +7,7 @@ server, exit 0. SIGHUP: reload the configuration file; a bad file keeps the runn
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import signal
 import threading
@@ -110,6 +111,16 @@ class _FindingTee:
                 sink.hop_finding(finding)
             except Exception:
                 log.exception("finding sink %r failed", sink)
+
+
+def _trim_heap() -> None:
+    try:
+        _LIBC.malloc_trim(0)
+    except AttributeError:  # not glibc
+        pass
+
+
+_LIBC = ctypes.CDLL(None)
 
 
 class StartupError(RuntimeError):
@@ -294,9 +305,12 @@ class Daemon:
             self.metrics.overflow_check()
             self.notifier.watchdog()
             now = time.monotonic()
-            if now - last_evict > 30:
+            if now - last_evict > 5:
+                # Idle connections out, cached /proc tables expired, and the heap that a
+                # burst (a connection storm, a table of 100k sockets) left free given back.
                 last_evict = now
                 self.conns.evict_idle(time.monotonic_ns(), 3600 * 10**9)
+                _trim_heap()
 
     def process(self, events: list[Any]) -> None:
         """Every capture event through the pipeline, then the hop analyzer."""

@@ -322,12 +322,22 @@ def _comm(raw: bytes) -> str:
     return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
 
 
+_HOSTS: dict[bytes, str] = {}  # raw address -> its text, shared by every connection to it
+
+
 def _peer(family: int, port: int, addr: bytes) -> SockAddr | None:
     if family == socket.AF_INET:
-        return SockAddr(family, socket.inet_ntop(socket.AF_INET, addr[:4]), port)
-    if family == socket.AF_INET6:
-        return SockAddr(family, socket.inet_ntop(socket.AF_INET6, addr[:16]), port)
-    return None
+        raw = addr[:4]
+    elif family == socket.AF_INET6:
+        raw = addr[:16]
+    else:
+        return None
+    host = _HOSTS.get(raw)
+    if host is None:
+        if len(_HOSTS) >= 65536:
+            _HOSTS.clear()
+        host = _HOSTS[raw] = socket.inet_ntop(family, raw)
+    return SockAddr(family, host, port)
 
 
 def _ring_pages(ring_bytes: int) -> int:
