@@ -646,3 +646,51 @@ def test_netns_listener_resolves_through_its_own_namespace(pf: ProcFS, netns: st
         proc.wait()
     assert pf.process(proc.pid) is None
     assert pf.resolve_fd(proc.pid, cfd) is None
+
+
+@pytest.mark.parametrize(
+    ("family", "host"),
+    [pytest.param(V4, "127.0.0.1", id="v4"), pytest.param(V6, "::1", id="v6")],
+)
+def test_socket_ends_asked_of_the_socket(pf: ProcFS, family: int, host: str, tmp_path: Path):
+    lis, cli, srv = _pair(family, host)
+    pid = os.getpid()
+    r, w = os.pipe()
+    try:
+        port = lis.getsockname()[1]
+        ino = os.fstat(cli.fileno()).st_ino
+        assert pf.socket_ends(pid, cli.fileno(), ino) == (
+            SockAddr(family, host, cli.getsockname()[1]),
+            SockAddr(family, host, port),
+        )
+        srv_ino = os.fstat(srv.fileno()).st_ino
+        assert pf.socket_ends(pid, srv.fileno(), srv_ino) == (
+            SockAddr(family, host, port),
+            SockAddr(family, host, cli.getsockname()[1]),
+        )
+        # another socket now on the fd (inode differs), a listener, a pipe, no fd, no inode
+        assert pf.socket_ends(pid, cli.fileno(), srv_ino) is None
+        assert pf.socket_ends(pid, lis.fileno(), os.fstat(lis.fileno()).st_ino) is None
+        assert pf.socket_ends(pid, r, os.fstat(r).st_ino) is None
+        assert pf.socket_ends(pid, 10_000_000, ino) is None
+        assert pf.socket_ends(pid, cli.fileno(), 0) is None
+        # a /proc that is not this machine's: never asked
+        assert ProcFS(str(tmp_path)).socket_ends(pid, cli.fileno(), ino) is None
+    finally:
+        for s_ in (lis, cli, srv):
+            s_.close()
+        os.close(r)
+        os.close(w)
+
+
+def test_socket_ends_of_another_process(pf: ProcFS, child):
+    proc, (*_, ofd, _port, _cport, oport), outer = child
+    ino = pf.socket_inode(proc.pid, ofd)
+    assert ino is not None
+    assert pf.socket_ends(proc.pid, ofd, ino) == (
+        SockAddr(V4, "127.0.0.1", oport),
+        SockAddr(V4, "127.0.0.1", outer.getsockname()[1]),
+    )
+    proc.kill()
+    proc.wait()
+    assert pf.socket_ends(proc.pid, ofd, ino) is None  # gone: None, never raises

@@ -267,6 +267,18 @@ class ConnectionTable:
         if conn.resolved or self._identity is not None:
             return conn.local is not None
         inode = conn.inode or self.procfs.socket_inode(conn.tgid, conn.fd) or 0
+        ends = self.procfs.socket_ends(conn.tgid, conn.fd, inode)
+        if ends is not None:  # asked of the socket itself: no table read
+            conn.resolved = True
+            local, remote = ends
+            if conn.peer is not None and not _same_addr(conn.peer, remote):
+                self._counters["resolve_failed"] += 1
+                return False
+            conn.inode = inode
+            conn.local = local
+            if conn.peer is None:
+                conn.peer = remote
+            return True
         sock = self.procfs.tcp_socket(conn.tgid, inode, budgeted=budgeted) if inode else None
         if sock is Lookup.DEFERRED:
             self._counters["resolve_deferred"] += 1
