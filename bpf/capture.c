@@ -296,18 +296,35 @@ BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 #ifndef WAKE_EVERY
 #define WAKE_EVERY 32
 #endif
-BPF_PERCPU_ARRAY(wake_ctr, u32, 1);
-static __always_inline u64 rb_flags(void) {
+// Shedding: once a record found the ring full, this CPU copies nothing for SHED_NS (the
+// reader is behind: the copies would be lost anyway, and the traced process pays for them).
+// Each syscall not copied counts as ring_full; its bytes become a gap the reader sees.
+#ifndef SHED_NS
+#define SHED_NS 1000000
+#endif
+// This CPU's side of the ring: data records since the last wake-up, and until when it sheds.
+struct ring_cpu {
+    u64 shed_until;
+    u32 since_wake;
+    u32 pad;
+};
+BPF_PERCPU_ARRAY(ring_cpus, struct ring_cpu, 1);
+
+static __always_inline struct ring_cpu *ring_cpu(void) {
     u32 zero = 0;
-    u32 *n = wake_ctr.lookup(&zero);
-    if (!n)
+    return ring_cpus.lookup(&zero);
+}
+
+static __always_inline u64 rb_flags(void) {
+    struct ring_cpu *r = ring_cpu();
+    if (!r)
         return 0;
-    u32 v = *n + 1;
+    u32 v = r->since_wake + 1;
     if (v >= WAKE_EVERY) {
-        *n = 0;
+        r->since_wake = 0;
         return BPF_RB_FORCE_WAKEUP;
     }
-    *n = v;
+    r->since_wake = v;
     return BPF_RB_NO_WAKEUP;
 }
 BPF_HASH(conns, struct conn_key, struct conn_val, CONN_MAX);
@@ -333,30 +350,20 @@ static __always_inline void count(u32 idx, u64 n) {
         *v += n;
 }
 
-// Shedding: once a record found the ring full, this CPU copies nothing for SHED_NS (the
-// reader is behind: the copies would be lost anyway, and the traced process pays for them).
-// Each syscall not copied counts as ring_full; its bytes become a gap the reader sees.
-#ifndef SHED_NS
-#define SHED_NS 1000000
-#endif
-BPF_PERCPU_ARRAY(shed_until, u64, 1);
-
 static __always_inline int shedding(void) {
-    u32 zero = 0;
-    u64 *t = shed_until.lookup(&zero);
-    if (!t || !*t)
+    struct ring_cpu *r = ring_cpu();
+    if (!r || !r->shed_until)
         return 0;
-    if (bpf_ktime_get_ns() < *t)
+    if (bpf_ktime_get_ns() < r->shed_until)
         return 1;
-    *t = 0;
+    r->shed_until = 0;
     return 0;
 }
 
 static __always_inline void ring_was_full(void) {
-    u32 zero = 0;
-    u64 *t = shed_until.lookup(&zero);
-    if (t)
-        *t = bpf_ktime_get_ns() + SHED_NS;
+    struct ring_cpu *r = ring_cpu();
+    if (r)
+        r->shed_until = bpf_ktime_get_ns() + SHED_NS;
     count(C_RING_FULL, 1);
 }
 

@@ -7,7 +7,6 @@ server, exit 0. SIGHUP: reload the configuration file; a bad file keeps the runn
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import signal
 import threading
@@ -19,6 +18,7 @@ from typing import Any
 from prometheus_client import start_http_server
 
 from hopwatch.audit import AuditError, AuditLog
+from hopwatch.capture.live import trim_heap
 from hopwatch.config import Config, ConfigError, load_config, split_host_port
 from hopwatch.conntrack import ConnectionTable
 from hopwatch.hops import FindingSink, HopAnalyzer, HopFinding
@@ -111,16 +111,6 @@ class _FindingTee:
                 sink.hop_finding(finding)
             except Exception:
                 log.exception("finding sink %r failed", sink)
-
-
-def _trim_heap() -> None:
-    try:
-        _LIBC.malloc_trim(0)
-    except AttributeError:  # not glibc
-        pass
-
-
-_LIBC = ctypes.CDLL(None)
 
 
 class StartupError(RuntimeError):
@@ -310,7 +300,7 @@ class Daemon:
                 # burst (a connection storm, a table of 100k sockets) left free given back.
                 last_evict = now
                 self.conns.evict_idle(time.monotonic_ns(), 3600 * 10**9)
-                _trim_heap()
+                trim_heap()
 
     def process(self, events: list[Any]) -> None:
         """Every capture event through the pipeline, then the hop analyzer."""

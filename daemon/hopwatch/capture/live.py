@@ -280,12 +280,8 @@ def release_compiler_memory() -> int:
     ``bcc_free_memory`` does the same for a statically linked LLVM). A mapping with any
     private (anonymous) page, or any writable one, is left alone.
     """
-    libc = ct.CDLL(None, use_errno=True)
     before = _rss_bytes()
-    try:
-        libc.malloc_trim(0)
-    except AttributeError:  # not glibc
-        pass
+    trim_heap()
     targets: list[tuple[int, int]] = []
     current: list[int] | None = None
     try:
@@ -303,11 +299,22 @@ def release_compiler_memory() -> int:
                     current = None
     except OSError:
         return 0
-    madvise = libc.madvise
+    madvise = _LIBC.madvise
     madvise.argtypes = [ct.c_void_p, ct.c_size_t, ct.c_int]
     for lo, hi in targets:
         madvise(lo, hi - lo, MADV_DONTNEED)
     return max(0, before - _rss_bytes())
+
+
+_LIBC = ct.CDLL(None, use_errno=True)
+
+
+def trim_heap() -> None:
+    """Give the heap's free memory back to the system (glibc ``malloc_trim``)."""
+    try:
+        _LIBC.malloc_trim(0)
+    except AttributeError:  # not glibc
+        pass
 
 
 def _rss_bytes() -> int:
