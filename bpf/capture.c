@@ -331,7 +331,6 @@ BPF_HASH(conns, struct conn_key, struct conn_val, CONN_MAX);
 BPF_HASH(ctl, struct conn_key, struct ctl_val, CONN_MAX);
 BPF_TABLE("lru_hash", struct conn_key, u8, unknown_seen, 16384);
 BPF_HASH(conn_args, u32, struct conn_args, 4096);
-BPF_HASH(data_args, u32, struct data_args, 65536);
 BPF_HASH(pid_filter, u32, u8, 4096);
 BPF_HASH(cgroup_filter, u64, u8, 4096);
 BPF_HASH(port_filter, u16, u8, 1024);
@@ -343,6 +342,24 @@ BPF_TABLE("lru_hash", struct ssl_key, struct ssl_val, ssl_state, 65536);
 BPF_TABLE("lru_hash", u32, u64, tls_wait, 16384);               // tid -> ssl written, fd unknown
 BPF_TABLE("lru_hash", u32, s32, tls_lastrd, 16384);             // tid -> last ciphertext read fd
 BPF_PERCPU_ARRAY(tls_scratch, struct data_ev, 1);
+
+// Per-thread state, in task-local storage (no hash lookup, freed with the thread): the data
+// syscall between its enter and its exit, and flags that say whether the TLS maps keyed by
+// thread hold anything for it, so that plain traffic never looks them up.
+struct task_st {
+    struct data_args a;
+    u8 pending;   // a holds the syscall in progress
+    u8 in_ssl;    // inside SSL_read/SSL_write: tls_args may hold the call
+    u8 tls_wait;  // tls_wait may hold an SSL object waiting for its socket
+    u8 pad[5];
+};
+BPF_TASK_STORAGE(task_sts, struct task_st);
+
+static __always_inline struct task_st *task_state(int create) {
+    struct task_st init = {};
+    return task_sts.task_storage_get(bpf_get_current_task_btf(), &init,
+                                     create ? BPF_LOCAL_STORAGE_GET_F_CREATE : 0);
+}
 
 static __always_inline void count(u32 idx, u64 n) {
     u64 *v = counters.lookup(&idx);
@@ -561,9 +578,10 @@ static __always_inline int is_cipher(u8 st) { return st == SNIFF_REJECTED || st 
 
 // A socket syscall on a tracked connection. Returns 1 when it carries TLS ciphertext (the
 // caller then copies nothing).
-static __always_inline int tls_note(u64 id, s32 fd, struct conn_val *cv, u8 dir) {
+static __always_inline int tls_note(u64 id, s32 fd, struct conn_val *cv, u8 dir,
+                                    struct task_st *ts) {
     u32 tid = (u32)id;
-    struct tls_args *t = tls_args.lookup(&tid);
+    struct tls_args *t = ts->in_ssl ? tls_args.lookup(&tid) : NULL;
     if (t) {
         // Inside SSL_read/SSL_write on this thread: this is the SSL object's socket.
         if (t->fd != fd) {
@@ -575,7 +593,11 @@ static __always_inline int tls_note(u64 id, s32 fd, struct conn_val *cv, u8 dir)
     }
     if (dir == DIR_SEND) {
         // Memory BIO (Node.js): the ciphertext of an SSL_write is written right after it.
-        u64 *w = tls_wait.lookup(&tid);
+        u64 *w = NULL;
+        if (ts->tls_wait) {
+            ts->tls_wait = 0;
+            w = tls_wait.lookup(&tid);
+        }
         if (w) {
             u64 ssl = *w;
             tls_wait.delete(&tid);
@@ -802,48 +824,24 @@ static __always_inline void unknown_check(struct cfg *c, struct conn_key *k, u64
     emit_simple(EV_UNKNOWN_FD, id, k->fd, hint, DIR_SEND);
 }
 
+// Enter only remembers the arguments (in the thread's task storage): every decision needs
+// the exit's byte count anyway, and one lookup per syscall is the cost on untracked fds.
 static __always_inline int data_enter(s32 fd, u64 ptr, u64 cnt, u8 kind, u8 dir) {
     u64 id = bpf_get_current_pid_tgid();
     struct cfg *c = get_cfg();
     if (!c || (id >> 32) == c->self_tgid)
         return 0;
-    struct conn_key k = {.tgid = id >> 32, .fd = fd};
-    struct conn_val *cv = conns.lookup(&k);
-    if (!cv) {
-        if (dir == DIR_SEND && kind != K_NONE)
-            unknown_check(c, &k, id, ptr, cnt, kind);
-        return 0;
-    }
-    if (tls_note(id, fd, cv, dir)) {
-        count(C_TLS_CIPHERTEXT, 1);
-        return 0;
-    }
-    if (task_filtered(c, k.tgid) || port_filtered(c, cv->port)) {
-        count(C_FILTERED, 1);
-        return 0;
-    }
-    u8 st = dir == DIR_SEND ? cv->d[0].sniff : cv->d[1].sniff;
-    if (st == SNIFF_REJECTED) {
-        count(C_SNIFF_REJECTED, 1);
-        return 0;
-    }
-    struct data_args a = {};
-    struct ctl_val *cl = ctl.lookup(&k);
-    if (cl && cl->cookie == cv->cookie) {
-        if (cl->flags & CTL_IGNORE) {
-            count(C_IGNORED, 1);
-            return 0;
-        }
-        a.skip_until = dir == DIR_SEND ? cl->skip_until[0] : cl->skip_until[1];
-    }
-    a.ptr = ptr;
-    a.cnt = cnt;
-    a.fd = fd;
-    a.kind = kind;
-    a.dir = dir;
-    u32 tid = (u32)id;
-    if (data_args.update(&tid, &a) != 0)
+    struct task_st *ts = task_state(1);
+    if (!ts) {
         count(C_STASH_FULL, 1);
+        return 0;
+    }
+    ts->a.ptr = ptr;
+    ts->a.cnt = cnt;
+    ts->a.fd = fd;
+    ts->a.kind = kind;
+    ts->a.dir = dir;
+    ts->pending = 1;
     return 0;
 }
 
@@ -1162,26 +1160,39 @@ int copy_step_tls(struct pt_regs *ctx) {
 
 static __always_inline int data_exit(void *ctx, long ret, const u8 kind) {
     u64 id = bpf_get_current_pid_tgid();
-    u32 tid = (u32)id;
-    struct data_args *ap = data_args.lookup(&tid);
-    if (!ap)
+    struct task_st *ts = task_state(0);
+    if (!ts || !ts->pending)
         return 0;
-    struct data_args a = *ap;
+    ts->pending = 0;
+    struct data_args a = ts->a;
     a.kind = kind;  // a compile-time constant per program: dead paths vanish
-    data_args.delete(&tid);
     if (ret <= 0)
+        return 0;
+    struct cfg *c = get_cfg();
+    if (!c)
         return 0;
     struct conn_key k = {.tgid = id >> 32, .fd = a.fd};
     struct conn_val *cv = conns.lookup(&k);
-    if (!cv)
-        return 0;  // closed meanwhile by another thread
-    u32 zero = 0;
-    struct data_ev *ev = scratch.lookup(&zero);
-    volatile struct cursor *s = cursors.lookup(&zero);
-    struct cfg *c = get_cfg();
-    if (!ev || !s || !c)
+    if (!cv) {
+        // Not tracked (or closed meanwhile by another thread): an inet socket the kernel
+        // never saw open gets one notice when it writes HTTP.
+        if (a.dir == DIR_SEND && kind != K_NONE)
+            unknown_check(c, &k, id, a.ptr, a.cnt, kind);
         return 0;
+    }
+    if (tls_note(id, a.fd, cv, a.dir, ts)) {
+        count(C_TLS_CIPHERTEXT, 1);
+        return 0;
+    }
+    if (task_filtered(c, k.tgid) || port_filtered(c, cv->port)) {
+        count(C_FILTERED, 1);
+        return 0;
+    }
     struct dir_state *ds = a.dir == DIR_SEND ? &cv->d[0] : &cv->d[1];
+    if (ds->sniff == SNIFF_REJECTED) {
+        count(C_SNIFF_REJECTED, 1);
+        return 0;
+    }
 
     u64 total = (u64)ret;
     u64 iov_ptr = 0, iov_n = 0, cur = 0, cur_left = 0, msg_left = 0;
@@ -1204,6 +1215,22 @@ static __always_inline int data_exit(void *ctx, long ret, const u8 kind) {
 
     u64 offset = ds->offset;
     ds->offset = offset + total;
+    if (shedding()) {
+        // Before the control lookup and the sniff: under overload each syscall costs as
+        // little as it can. Its bytes become a gap at the reader.
+        count(C_RING_FULL, 1);
+        return 0;
+    }
+    struct ctl_val *cl = ctl.lookup(&k);
+    if (cl && cl->cookie == cv->cookie) {
+        if (cl->flags & CTL_IGNORE) {
+            count(C_IGNORED, 1);
+            return 0;
+        }
+        a.skip_until = a.dir == DIR_SEND ? cl->skip_until[0] : cl->skip_until[1];
+    } else {
+        a.skip_until = 0;
+    }
     u64 skip = 0;
     if (a.skip_until > offset)
         skip = a.skip_until - offset;
@@ -1216,11 +1243,11 @@ static __always_inline int data_exit(void *ctx, long ret, const u8 kind) {
         cap = MAX_CAP;
     if (cap > total - skip)
         cap = total - skip;
-
-    if (shedding()) {
-        count(C_RING_FULL, 1);
+    u32 zero = 0;
+    struct data_ev *ev = scratch.lookup(&zero);
+    volatile struct cursor *s = cursors.lookup(&zero);
+    if (!ev || !s)
         return 0;
-    }
     fill_hdr(&ev->h, EV_DATA, id, a.fd);
     ev->h.dir = a.dir;
     ev->h.role = cv->role;
@@ -1323,8 +1350,12 @@ static __always_inline int ssl_enter(struct pt_regs *ctx, u8 dir, u8 is_ex) {
     a.dir = dir;
     a.is_ex = is_ex;
     u32 tid = (u32)id;
-    if (tls_args.update(&tid, &a) != 0)
+    struct task_st *ts = task_state(1);
+    if (!ts || tls_args.update(&tid, &a) != 0) {
         count(C_STASH_FULL, 1);
+        return 0;
+    }
+    ts->in_ssl = 1;
     return 0;
 }
 
@@ -1336,6 +1367,9 @@ static __always_inline int ssl_exit(struct pt_regs *ctx) {
         return 0;
     struct tls_args a = *ap;
     tls_args.delete(&tid);
+    struct task_st *ts = task_state(0);
+    if (ts)
+        ts->in_ssl = 0;
     long ret = PT_REGS_RC(ctx);
     u64 total = 0;
     if (a.is_ex) {
@@ -1387,6 +1421,8 @@ static __always_inline int ssl_exit(struct pt_regs *ctx) {
             }
         } else {
             tls_wait.update(&tid, &a.ssl);
+            if (ts)
+                ts->tls_wait = 1;
         }
     }
     s32 fd = sv->fd;

@@ -559,5 +559,5 @@ def test_close_and_exit_events(rec: Recorder, driven: Callable[[str], Driven]) -
     assert [e.fd for e in closed] == [d.fd]  # s2 was closed by exit, not by close()
     assert len(rec.of(d.pid, ProcessExited)) == 1
     # the capture forgot both connections of the exited process
-    assert rec.cap.stats()["connections"] == len(rec.cap._cookies)
-    assert not any(k[0] == d.pid for k in rec.cap._cookies)
+    assert rec.cap.stats()["connections"] == sum(map(len, rec.cap._by_tgid.values()))
+    assert d.pid not in rec.cap._by_tgid

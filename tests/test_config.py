@@ -93,6 +93,7 @@ def test_v4_mapped_address_matches_v4_rule() -> None:
         ("[limits\n", 1, "not valid TOML"),
         ("[capture]\nring_buffer_bytes = 5000\n", 2, "power of two"),
         ("[metrics]\naddr = 'localhost'\n", 2, "HOST:PORT"),
+        ("[capture]\n\nscheduling = 'fast'\n", 3, "capture.scheduling must be one of"),
     ],
     ids=[
         "type",
@@ -104,6 +105,7 @@ def test_v4_mapped_address_matches_v4_rule() -> None:
         "syntax",
         "ring-size",
         "addr",
+        "scheduling",
     ],
 )
 def test_config_errors_name_the_line(text: str, line: int, needle: str) -> None:

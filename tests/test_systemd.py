@@ -10,9 +10,10 @@ systemd itself. What is covered instead:
   the unit file itself: a private mount namespace (ProtectSystem=strict, PrivateTmp,
   ProtectHome, PrivateDevices, ProtectKernelTunables, the state/logs directories), the
   unit's User= with exactly its CapabilityBoundingSet/AmbientCapabilities and
-  NoNewPrivileges (setpriv), and a seccomp filter with systemd's semantics for
-  MemoryDenyWriteExecute, RestrictAddressFamilies, SystemCallArchitectures=native and the
-  SystemCallFilter allowlist (expanded by `systemd-analyze syscall-filter`);
+  NoNewPrivileges (setpriv), its LimitNICE (prlimit, when this host's root may raise it),
+  and a seccomp filter with systemd's semantics for MemoryDenyWriteExecute,
+  RestrictAddressFamilies, SystemCallArchitectures=native and the SystemCallFilter
+  allowlist (expanded by `systemd-analyze syscall-filter`);
 * each capability of the bounding set is necessary: without it, capture breaks.
 """
 
@@ -569,7 +570,14 @@ def sandboxed(
     state = [f"/var/lib/{d}" for d in words(unit, "StateDirectory")]
     state += [f"/var/log/{d}" for d in words(unit, "LogsDirectory")]
     rw = [p.lstrip("-") for p in words(unit, "ReadWritePaths")]
+    nice = one(unit, "LimitNICE")  # "+N": a nice level, as RLIMIT_NICE = 20 - N
+    assert nice.startswith("+")
+    rlimit_nice = 20 - int(nice)
+    # systemd (PID 1) may raise a hard limit; a test host's root without CAP_SYS_RESOURCE
+    # may not: then the daemon runs without the limit (and must say so, see below).
+    limit = ["prlimit", f"--nice={rlimit_nice}:{rlimit_nice}", "--"] if can_raise_rlimits() else []
     wrapped = [
+        *limit,
         "unshare",
         "--mount",
         "--",
@@ -595,6 +603,13 @@ def sandboxed(
     ]
     env = {"STATE_DIRS": " ".join(state), "RW_DIRS": " ".join(rw)}
     return wrapped, env
+
+
+def can_raise_rlimits() -> bool:
+    """CAP_SYS_RESOURCE in this process's effective set (some VMs' root lacks it)."""
+    eff = re.search(r"^CapEff:\s+([0-9a-f]+)", Path("/proc/self/status").read_text(), re.M)
+    assert eff
+    return bool(int(eff.group(1), 16) >> 24 & 1)
 
 
 def execstart_argv(installed: Installed, config: Path) -> list[str]:
@@ -678,6 +693,13 @@ def test_execstart_as_is_in_the_units_sandbox(installed: Installed, tmp_path: Pa
         assert re.search(r"^NoNewPrivs:\s+1", status, re.M)
         assert re.search(r"^Seccomp:\s+2", status, re.M)
         assert traffic_seen(addr, "t_unit_curl", tmp_path, port) >= 3, log.read_text()
+        # The loop yields the CPU (SCHED_IDLE), which LimitNICE lets it leave when it starves;
+        # without that limit it must not go idle (it could never be lifted) and says why.
+        if can_raise_rlimits():
+            assert os.sched_getscheduler(proc.pid) == os.SCHED_IDLE, log.read_text()
+        else:
+            assert os.sched_getscheduler(proc.pid) == os.SCHED_OTHER, log.read_text()
+            assert "LimitNICE=+0" in log.read_text()
         # The running daemon really is confined: it cannot write outside its directories.
         assert "Read-only file system" in _probe_write(proc.pid, "/var/lib/hopwatch/x")
         proc.send_signal(signal.SIGHUP)

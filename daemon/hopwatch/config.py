@@ -194,6 +194,12 @@ class CaptureSettings:
     exclude_cgroups: tuple[int, ...] = ()
     exclude_ports: tuple[int, ...] = ()
     poll_timeout_ms: int = 100
+    # "idle": the analysis thread runs SCHED_IDLE (only CPU no workload wants; a starved
+    # loop is lifted back for one iteration). "normal": an ordinary thread.
+    scheduling: str = "idle"
+
+
+SCHEDULING = ("idle", "normal")
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,6 +314,7 @@ _SCHEMA: dict[str, dict[str, tuple[type, str]]] = {
         "exclude_cgroups": (list, "capture.exclude_cgroups"),
         "exclude_ports": (list, "capture.exclude_ports"),
         "poll_timeout_ms": (_INT, "capture.poll_timeout_ms"),
+        "scheduling": (str, "capture.scheduling"),
     },
     "metrics": {
         "addr": (str, "metrics_addr"),
@@ -464,6 +471,8 @@ def _check_value(section: str, key: str, value: Any, spec: tuple[type, str]) -> 
         if not all(isinstance(v, str) and v.strip() for v in value):
             return _Problem(f"{section}.{key} must be a list of non-empty names or patterns")
         return tuple(v.strip() for v in value)
+    if target == "capture.scheduling" and value not in SCHEDULING:
+        return _Problem(f"capture.scheduling must be one of {', '.join(map(repr, SCHEDULING))}")
     if target == "metrics_addr":
         try:
             split_host_port(value)

@@ -24,6 +24,7 @@ from hopwatch.conntrack import ConnectionTable
 from hopwatch.hops import FindingSink, HopAnalyzer, HopFinding
 from hopwatch.metrics import KernelStatsCollector, Metrics
 from hopwatch.pipeline import Observer, Pipeline
+from hopwatch.scheduling import IdleScheduling
 from hopwatch.sdnotify import Notifier
 
 __all__ = ["Daemon", "StartupError"]
@@ -75,6 +76,12 @@ _STATS_DOCS: dict[str, tuple[str, str, str | None]] = {
     "capture_tls_targets": (
         "gauge",
         "OpenSSL copies (libssl, binaries exporting SSL_*) the uprobes are attached to.",
+        None,
+    ),
+    "capture_scheduling_boosts_total": (
+        "counter",
+        "Times the idle-priority analysis loop starved and was lifted to the ordinary policy "
+        "for one iteration ([capture] scheduling = \"idle\").",
         None,
     ),
     "connections_tracked": ("gauge", "Connections in the connection table.", None),
@@ -146,6 +153,7 @@ class Daemon:
         self._finding_sinks = finding_sinks  # besides the audit log (hopwatch trace)
         self._serve_metrics = serve_metrics  # False: no /metrics listener (hopwatch trace)
         self._stop = threading.Event()
+        self.scheduling = IdleScheduling()
         self._reload = False
         self._http: Any = None
         self.notifier = Notifier()
@@ -263,6 +271,7 @@ class Daemon:
                 "ciphertext_chunks": self.pipeline.tls_ciphertext_chunks if self.pipeline else 0,
             }
             out["capture_tls_targets"] = k["tls_targets"]
+        out["capture_scheduling_boosts_total"] = self.scheduling.boosts
         out["connections_tracked"] = len(self.conns)
         out["connections_total"] = dict(self.conns.counters())
         if self.hops is not None:
@@ -279,8 +288,11 @@ class Daemon:
         """Start, loop until SIGTERM/SIGINT (or `stop()`), then shut down."""
         self.start()
         try:
+            if self.config.capture.scheduling == "idle":
+                self.scheduling.start()
             self.loop()
         finally:
+            self.scheduling.stop()
             self.shutdown(exiting=True)
 
     def loop(self) -> None:
@@ -294,6 +306,7 @@ class Daemon:
             self.process(self.capture.poll(timeout))
             self.metrics.overflow_check()
             self.notifier.watchdog()
+            self.scheduling.beat()
             now = time.monotonic()
             if now - last_evict > 5:
                 # Idle connections out, cached /proc tables expired, and the heap that a
@@ -337,7 +350,11 @@ class Daemon:
         if self.capture is not None:
             try:
                 if self.capture.is_open and self.pipeline is not None:
-                    self.process(self.capture.poll(0))  # drain what the ring still holds
+                    # Drain what the ring still holds, batch by batch, for at most 2 s.
+                    deadline = time.monotonic() + 2.0
+                    self.process(self.capture.poll(0))
+                    while self.capture.behind and time.monotonic() < deadline:
+                        self.process(self.capture.poll(0))
             except Exception:
                 log.exception("draining the ring buffer failed")
             finally:

@@ -241,6 +241,7 @@ class CaptureConfig:
     tls_rescan_s: float = 30.0  # rescan /proc/*/maps for OpenSSL loaded later
     tls_hold_s: float = 5.0  # plaintext whose socket stays unknown this long is dropped
     tls_hold_max: int = 1024  # plaintext chunks held while their socket is unknown
+    batch_records: int = 4096  # ring records read per poll (the rest wait in the ring)
 
 
 @dataclass(slots=True)
@@ -394,12 +395,17 @@ class LiveCapture:
         self.source = source or BPF_SOURCE
         self._bpf: Any = None
         self._raw: list[bytes] = []
+        self._batch = max(1, self.config.batch_records)
+        self._behind = False  # the last poll stopped at the batch bound
         self._comms: dict[bytes, str] = {}  # raw comm field -> name (bounded)
         self._slots: collections.deque[CaptureEvent | _Pending] = collections.deque()
         self._pending: dict[int, tuple[int, _Pending]] = {}  # tid -> (ts_ns, pending)
-        self._cookies: dict[tuple[int, int], int] = {}  # (tgid, fd) -> connection cookie
-        self._ctl: dict[tuple[int, int], CtlVal] = {}
-        self._by_tgid: dict[int, set[int]] = collections.defaultdict(set)
+        # tgid -> {fd: None}: the connections the kernel map holds, to delete them when the
+        # process exits. Dicts, not sets: a set costs ~3x the memory per entry, and 100k
+        # connections are 200k entries. The cookie of each stays in the kernel map.
+        self._by_tgid: dict[int, dict[int, None]] = {}
+        self._n_conns = 0
+        self._ctl: dict[tuple[int, int], CtlVal] = {}  # connections with a skip or ignore set
         self._lost_seen: dict[str, int] = {"ring_full": 0, "conn_table_full": 0}
         self._user_stats = {"incomplete_syscalls": 0, "orphan_chunks": 0}
         self._cfg = Cfg(self_tgid=0, flags=0, cap=self.config.cap_bytes)
@@ -426,6 +432,11 @@ class LiveCapture:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    @property
+    def behind(self) -> bool:
+        """The last poll stopped at ``batch_records``: more records wait in the ring."""
+        return self._behind
 
     @property
     def is_open(self) -> bool:
@@ -688,13 +699,19 @@ class LiveCapture:
         self._write_cfg()
 
     def _ctl_for(self, tgid: int, fd: int) -> CtlVal | None:
-        cookie = self._cookies.get((tgid, fd))
-        if cookie is None:
-            return None
         ctl = self._ctl.get((tgid, fd))
-        if ctl is None or ctl.cookie != cookie:
-            ctl = CtlVal(cookie=cookie)
-            self._ctl[(tgid, fd)] = ctl
+        if ctl is not None:
+            return ctl
+        fds = self._by_tgid.get(tgid)
+        if fds is None or fd not in fds:
+            return None
+        # The connection's cookie, from the kernel map (once per connection with a control:
+        # keeping every cookie here would cost ~200 bytes per tracked connection).
+        try:
+            val = self._require()[b"conns"][ConnKey(tgid, fd)]
+        except KeyError:
+            return None
+        ctl = self._ctl[(tgid, fd)] = CtlVal(cookie=val.cookie)
         return ctl
 
     def set_skip_until(
@@ -742,8 +759,7 @@ class LiveCapture:
         rc = lib.bpf_update_elem(bpf[b"conns"].map_fd, ct.byref(key), ct.byref(val), BPF_NOEXIST)
         if rc != 0:
             return False
-        self._cookies[(tgid, fd)] = cookie
-        self._by_tgid[tgid].add(fd)
+        self._track(tgid, fd)
         try:
             del bpf[b"ctl"][key]
         except KeyError:
@@ -758,7 +774,7 @@ class LiveCapture:
         t = bpf[b"counters"]
         out = {name: int(t.sum(ct.c_int(i)).value) for i, name in enumerate(COUNTERS)}
         out.update(self._user_stats)
-        out["connections"] = len(self._cookies)
+        out["connections"] = self._n_conns
         out.update(self._tls_stats)
         out["tls_held"] = self._tls_held_n
         return out
@@ -766,16 +782,25 @@ class LiveCapture:
     # -- events ------------------------------------------------------------------------
 
     def _on_record(self, _ctx: Any, data: Any, size: int) -> int:
-        self._raw.append(ct.string_at(data, size))
-        return 0
+        raw = self._raw
+        raw.append(ct.string_at(data, size))
+        # A negative return stops libbpf's read (this record is taken): a reader that falls
+        # behind leaves the backlog in the ring, where the kernel sheds it cheaply and counts
+        # it, instead of copying it all into this process's memory at once.
+        return -1 if len(raw) >= self._batch else 0
 
     def poll(self, timeout_ms: int = 100) -> list[CaptureEvent]:
         """Wait up to ``timeout_ms`` for records; return the events completed so far."""
         bpf = self._require()
-        # The kernel wakes us only once enough records wait (WAKE_BYTES in capture.c):
-        # the rest are read when the wait times out.
-        bpf.ring_buffer_poll(timeout_ms)
-        bpf.ring_buffer_consume()
+        # The kernel wakes us only every WAKE_EVERY-th record (capture.c): the rest are read
+        # when the wait times out. After a full batch more records are waiting: no wait.
+        if self._behind:
+            bpf.ring_buffer_consume()
+        else:
+            bpf.ring_buffer_poll(timeout_ms)
+            if len(self._raw) < self._batch:
+                bpf.ring_buffer_consume()
+        self._behind = len(self._raw) >= self._batch
         out = self._drain()
         out.extend(self._lost())
         if self.config.tls and (self._exec_pids or time.monotonic() >= self._next_rescan):
@@ -893,13 +918,16 @@ class LiveCapture:
             return
         kind, d, flags, role, fd, tgid, tid, ts, comm = _HDR.unpack_from(rec)
         if kind == EV_OPEN:
-            family, port, _pad, addr, cookie = _CONN.unpack_from(rec, _HDR.size)
-            self._cookies[(tgid, fd)] = cookie
-            self._ctl.pop((tgid, fd), None)
-            self._by_tgid[tgid].add(fd)
+            family, port, _pad, addr, _cookie = _CONN.unpack_from(rec, _HDR.size)
+            if self._ctl:
+                self._ctl.pop((tgid, fd), None)
+            self._track(tgid, fd)
+            name = self._comms.get(comm)
+            if name is None:
+                name = self._comm_name(comm)
             self._slots.append(
                 ConnOpened(tgid, tid, fd, ROLE_NAMES.get(role, ""), _peer(family, port, addr),
-                           ts, _comm(comm))
+                           ts, name)
             )
         elif kind == EV_CLOSE:
             self._forget(tgid, fd)
@@ -907,7 +935,6 @@ class LiveCapture:
         elif kind == EV_EXIT:
             for fd_ in list(self._by_tgid.get(tgid, ())):
                 self._forget(tgid, fd_, delete=True)
-            self._by_tgid.pop(tgid, None)
             self._slots.append(ProcessExited(tgid, ts))  # TLS state: forgotten when it leaves
         elif kind == EV_TLS_BIND:
             ssl = _TLS.unpack_from(rec, _HDR.size)[0]
@@ -936,12 +963,23 @@ class LiveCapture:
         name = self._comms[raw] = _comm(raw)
         return name
 
-    def _forget(self, tgid: int, fd: int, *, delete: bool = False) -> None:
-        self._cookies.pop((tgid, fd), None)
-        self._ctl.pop((tgid, fd), None)
+    def _track(self, tgid: int, fd: int) -> None:
         fds = self._by_tgid.get(tgid)
-        if fds is not None:
-            fds.discard(fd)
+        if fds is None:
+            self._by_tgid[tgid] = {fd: None}
+            self._n_conns += 1
+        elif fd not in fds:
+            fds[fd] = None
+            self._n_conns += 1
+
+    def _forget(self, tgid: int, fd: int, *, delete: bool = False) -> None:
+        if self._ctl:
+            self._ctl.pop((tgid, fd), None)
+        fds = self._by_tgid.get(tgid)
+        if fds is not None and fds.pop(fd, 0) is None:
+            self._n_conns -= 1
+            if not fds:
+                del self._by_tgid[tgid]
         if delete and self._bpf is not None:
             key = ConnKey(tgid, fd)
             for table in (b"conns", b"ctl"):
