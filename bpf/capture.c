@@ -140,7 +140,8 @@
 #define C_TLS_CALLS 12       // SSL_read/SSL_write calls reported (plaintext)
 #define C_TLS_UNBOUND 13     // ... of which the socket was not known yet at return
 #define C_TLS_CIPHERTEXT 14  // syscalls on TLS connections not copied (ciphertext)
-#define C_NCOUNTERS 15
+#define C_LIFECYCLE 15       // records other than data submitted (open, close, exit, TLS...)
+#define C_NCOUNTERS 16
 
 #define SSL_CTRL_SET_TLSEXT_HOSTNAME 55
 #define TLS_NAME_LEN 256
@@ -526,6 +527,7 @@ static __always_inline int emit_simple(u8 kind, u64 id, s32 fd, u8 flags, u8 dir
     h->dir = dir;
     events.ringbuf_submit(h, 0);  // lifecycle events wake the reader at once
     count(C_EVENTS, 1);
+    count(C_LIFECYCLE, 1);
     return 0;
 }
 
@@ -549,6 +551,7 @@ static __always_inline void tls_emit(u8 kind, u64 id, s32 fd, u64 ssl, u64 name_
     }
     events.ringbuf_submit(e, 0);  // lifecycle events wake the reader at once
     count(C_EVENTS, 1);
+    count(C_LIFECYCLE, 1);
 }
 
 // (tgid, ssl) now talks through fd: record it, tell userspace once per change.
@@ -698,6 +701,7 @@ static __always_inline int conn_exit(long ret) {
     e->cookie = cookie;
     events.ringbuf_submit(e, 0);  // lifecycle events wake the reader at once
     count(C_EVENTS, 1);
+    count(C_LIFECYCLE, 1);
 
     // Insert after the event is reserved, so no data of this connection can precede it.
     struct conn_key k = {.tgid = tgid, .fd = fd};

@@ -232,7 +232,9 @@ def test_adopt_refuses_and_remembers(fake: Path, fd: int, monkeypatch: pytest.Mo
     t = table(fake, negative_ttl_ns=10 * S)
     calls: list[int] = []
     real = t.procfs.resolve_fd
-    monkeypatch.setattr(t.procfs, "resolve_fd", lambda p, f: calls.append(f) or real(p, f))
+    monkeypatch.setattr(
+        t.procfs, "resolve_fd", lambda p, f, r=None: calls.append(f) or real(p, f, r)
+    )
     for ts in range(1, 1001):  # a process writing to a file in a loop
         assert t.get_or_adopt(7, fd, ts) is None
     assert calls == [fd], "one /proc look, then the negative cache answers"

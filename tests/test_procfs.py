@@ -431,6 +431,28 @@ def _pair(family: int, host: str) -> tuple[socket.socket, socket.socket, socket.
     return lis, cli, srv
 
 
+def test_resolve_fd_with_a_known_role_reads_no_table(pf: ProcFS):
+    lis, cli, srv = _pair(V4, "127.0.0.1")
+    pid = os.getpid()
+    try:
+        port = lis.getsockname()[1]
+        reads = pf.table_reads
+        s = pf.resolve_fd(pid, srv.fileno(), "server")
+        c = pf.resolve_fd(pid, cli.fileno(), "client")
+        assert pf.table_reads == reads  # asked of the sockets themselves
+        assert s is not None and c is not None
+        assert (s.role, c.role) == ("server", "client")
+        assert s.socket.local == SockAddr(V4, "127.0.0.1", port)
+        assert s.socket.remote == SockAddr(V4, "127.0.0.1", cli.getsockname()[1])
+        assert c.socket.inode == os.fstat(cli.fileno()).st_ino
+        # A listener has no peer: the hint does not make it a connection (table path).
+        got = pf.resolve_fd(pid, lis.fileno(), "server")
+        assert got is not None and got.socket.state is TcpState.LISTEN
+    finally:
+        for x in (lis, cli, srv):
+            x.close()
+
+
 @pytest.mark.parametrize(
     ("family", "host"),
     [pytest.param(V4, "127.0.0.1", id="v4"), pytest.param(V6, "::1", id="v6")],

@@ -79,6 +79,23 @@ def test_starved_loop_is_lifted_for_one_iteration() -> None:
     _in_thread(body)
 
 
+def test_urgent_work_takes_the_ordinary_policy_until_done() -> None:
+    def body() -> None:
+        s = IdleScheduling(starve_s=5.0)
+        assert s.start()
+        try:
+            s.beat(urgent=True)  # connection events queued: do not wait for idle CPU
+            assert _policy(0) == os.SCHED_OTHER and s.urgent == 1
+            s.beat(urgent=True)  # still urgent: stays, counted once
+            assert _policy(0) == os.SCHED_OTHER and s.urgent == 1
+            s.beat()  # caught up
+            assert _policy(0) == os.SCHED_IDLE and s.urgent == 1 and s.boosts == 0
+        finally:
+            s.stop()
+
+    _in_thread(body)
+
+
 @pytest.mark.kernel
 def test_daemon_loop_idles_and_metrics_thread_does_not(daemon: Daemon) -> None:
     pid = daemon.proc.pid

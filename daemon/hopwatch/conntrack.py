@@ -223,9 +223,12 @@ class ConnectionTable:
         conn.last_seen_ns = max(conn.last_seen_ns, ts_ns)
         self._conns.move_to_end((conn.tgid, conn.fd))
 
-    def get_or_adopt(self, tgid: int, fd: int, ts_ns: int, comm: str = "") -> Connection | None:
+    def get_or_adopt(
+        self, tgid: int, fd: int, ts_ns: int, comm: str = "", role: str | None = None
+    ) -> Connection | None:
         """The data path: the tracked connection (touched), or one adopted from /proc.
 
+        ``role``: for an adopted one, known from what it wrote (no listening-port guess).
         None when the fd is not an inet TCP socket with a peer (remembered for a while).
         """
         key = (tgid, fd)
@@ -248,7 +251,7 @@ class ConnectionTable:
                     return None
                 del negs[fd]
                 self._negative_count -= 1
-        found = self.procfs.resolve_fd(tgid, fd)
+        found = self.procfs.resolve_fd(tgid, fd, role)
         if found is None or not found.socket.connected:
             self._counters["not_inet"] += 1
             self._remember_negative(tgid, fd, ts_ns + self.negative_ttl_ns)

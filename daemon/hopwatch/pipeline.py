@@ -184,7 +184,8 @@ class Pipeline:
         """An untracked fd wrote HTTP-looking bytes: adopt it if /proc says inet socket."""
         if self.control is None:
             return
-        conn = self.conns.get_or_adopt(ev.tgid, ev.fd, ev.ts_ns)
+        hint = ev.role_hint if ev.role_hint in ("client", "server") else None
+        conn = self.conns.get_or_adopt(ev.tgid, ev.fd, ev.ts_ns, role=hint)
         if conn is None:
             self.metrics.unknown_fd.inc()
             self.control.ignore(ev.tgid, ev.fd)

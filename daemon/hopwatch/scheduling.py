@@ -18,6 +18,11 @@ when an iteration has not finished for ``starve_s`` it lifts the loop to ``SCHED
 (counted in ``boosts``); the loop drops back to idle as soon as that iteration ends. Each
 iteration is bounded (``LiveCapture.batch_records``), so a lift costs the workloads one
 batch of analysis at most every ``starve_s``.
+
+Data can be shed; connection events cannot (a lost open leaves a connection untracked
+until its next data, a lost close leaves a stale entry). So while the kernel has submitted
+many more of those than the loop has read (a connection storm), the loop itself asks for
+the ordinary policy (``beat(urgent=True)``, counted in ``urgent``) until it has caught up.
 """
 
 from __future__ import annotations
@@ -37,7 +42,8 @@ class IdleScheduling:
 
     def __init__(self, starve_s: float = 2.0) -> None:
         self.starve_s = starve_s
-        self.boosts = 0
+        self.boosts = 0  # lifted by the guard (starved)
+        self.urgent = 0  # lifted by the loop (connection events queued)
         self._lock = threading.Lock()
         self._boosted = False
         self._beat = time.monotonic()
@@ -70,13 +76,24 @@ class IdleScheduling:
         log.info("analysis loop runs SCHED_IDLE (lifted when it starves for %.1f s)", self.starve_s)
         return True
 
-    def beat(self) -> None:
-        """One loop iteration finished: back to idle if the guard had lifted it."""
+    def beat(self, *, urgent: bool = False) -> None:
+        """One loop iteration finished: back to idle if the guard had lifted it.
+
+        ``urgent``: work that must not wait for idle CPU is queued (connection opens and
+        closes: losing them loses track of connections, unlike data, which is shed and
+        counted): keep or take the ordinary policy until it is done.
+        """
         self._beat = time.monotonic()
-        if self._boosted:
-            with self._lock:
-                self._boosted = False
+        if urgent == self._boosted or self._guard is None:
+            return
+        with self._lock:
+            if urgent:
+                os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+                self._boosted = True
+                self.urgent += 1
+            else:
                 os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+                self._boosted = False
 
     def stop(self) -> None:
         """Stop the guard and give the calling thread the ordinary policy back."""

@@ -80,9 +80,10 @@ _STATS_DOCS: dict[str, tuple[str, str, str | None]] = {
     ),
     "capture_scheduling_boosts_total": (
         "counter",
-        "Times the idle-priority analysis loop starved and was lifted to the ordinary policy "
-        "for one iteration ([capture] scheduling = \"idle\").",
-        None,
+        "Times the idle-priority analysis loop ([capture] scheduling = \"idle\") took the "
+        "ordinary policy: starved (it had not finished an iteration for 2 s) or urgent "
+        "(connection events queued in the ring).",
+        "reason",
     ),
     "connections_tracked": ("gauge", "Connections in the connection table.", None),
     "connections_total": ("counter", "Connection-table operations, by event.", "event"),
@@ -94,6 +95,10 @@ _STATS_DOCS: dict[str, tuple[str, str, str | None]] = {
     "hop_processes": ("gauge", "Processes with hop-analysis state.", None),
 }
 
+
+# Connection events queued in the ring beyond which the idle-priority loop asks for the
+# ordinary policy (a connection storm): ~1/20 of what the default ring holds.
+_URGENT_BACKLOG = 10_000
 
 _LOST_REASONS = (
     "ring_full",
@@ -271,7 +276,10 @@ class Daemon:
                 "ciphertext_chunks": self.pipeline.tls_ciphertext_chunks if self.pipeline else 0,
             }
             out["capture_tls_targets"] = k["tls_targets"]
-        out["capture_scheduling_boosts_total"] = self.scheduling.boosts
+        out["capture_scheduling_boosts_total"] = {
+            "starved": self.scheduling.boosts,
+            "urgent": self.scheduling.urgent,
+        }
         out["connections_tracked"] = len(self.conns)
         out["connections_total"] = dict(self.conns.counters())
         if self.hops is not None:
@@ -306,7 +314,9 @@ class Daemon:
             self.process(self.capture.poll(timeout))
             self.metrics.overflow_check()
             self.notifier.watchdog()
-            self.scheduling.beat()
+            if self.scheduling.active:
+                backlog = self.capture.lifecycle_backlog()
+                self.scheduling.beat(urgent=backlog > _URGENT_BACKLOG)
             now = time.monotonic()
             if now - last_evict > 5:
                 # Idle connections out, cached /proc tables expired, and the heap that a

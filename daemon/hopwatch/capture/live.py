@@ -104,7 +104,10 @@ COUNTERS = (
     "tls_calls",
     "tls_unbound",
     "tls_ciphertext",
+    "lifecycle",
 )
+
+_C_LIFECYCLE = COUNTERS.index("lifecycle")
 
 # uprobe program per OpenSSL function: (entry program, return program)
 TLS_PROBES = {
@@ -397,6 +400,7 @@ class LiveCapture:
         self._raw: list[bytes] = []
         self._batch = max(1, self.config.batch_records)
         self._behind = False  # the last poll stopped at the batch bound
+        self._lifecycle_read = 0  # records other than data read from the ring
         self._comms: dict[bytes, str] = {}  # raw comm field -> name (bounded)
         self._slots: collections.deque[CaptureEvent | _Pending] = collections.deque()
         self._pending: dict[int, tuple[int, _Pending]] = {}  # tid -> (ts_ns, pending)
@@ -437,6 +441,15 @@ class LiveCapture:
     def behind(self) -> bool:
         """The last poll stopped at ``batch_records``: more records wait in the ring."""
         return self._behind
+
+    def lifecycle_backlog(self) -> int:
+        """Open/close/exit/TLS records the kernel submitted that are not read yet.
+
+        Data can be shed under overload (and is counted); these cannot without losing
+        track of connections, so a reader that yields the CPU must not yield on these.
+        """
+        t = self._require()[b"counters"]
+        return int(t.sum(ct.c_int(_C_LIFECYCLE)).value) - self._lifecycle_read
 
     @property
     def is_open(self) -> bool:
@@ -917,6 +930,7 @@ class LiveCapture:
             self._data(rec, (_k, d, flags, _r, fd, tgid, tid, ts, comm))
             return
         kind, d, flags, role, fd, tgid, tid, ts, comm = _HDR.unpack_from(rec)
+        self._lifecycle_read += 1
         if kind == EV_OPEN:
             family, port, _pad, addr, _cookie = _CONN.unpack_from(rec, _HDR.size)
             if self._ctl:
