@@ -1,4 +1,4 @@
-"""The analysis loop yields the CPU (SCHED_IDLE) and is lifted when it starves."""
+"""The analysis loop yields the CPU (SCHED_IDLE) while the capture sheds, without starving."""
 
 from __future__ import annotations
 
@@ -36,84 +36,81 @@ def _in_thread(body: Callable[[], None]) -> None:
         raise errors[0]
 
 
-def test_loop_thread_idles_guard_keeps_ordinary_policy() -> None:
+def test_loop_yields_only_when_asked_and_guard_stays_ordinary() -> None:
     def body() -> None:
         s = IdleScheduling(starve_s=5.0)
         assert s.start()
         try:
-            assert _policy(0) == os.SCHED_IDLE
+            assert _policy(0) == os.SCHED_OTHER and not s.idle  # keeping up: ordinary
             guard = next(t for t in threading.enumerate() if t.name == "hopwatch-guard")
             assert guard.native_id is not None
+            s.beat(yield_cpu=True)  # the capture sheds: yield
+            assert _policy(0) == os.SCHED_IDLE and s.idle and s.yields == 1
             assert _policy(guard.native_id) == os.SCHED_OTHER
-            s.beat()
-            assert _policy(0) == os.SCHED_IDLE and s.boosts == 0
+            s.beat(yield_cpu=True)  # still: no new switch
+            assert s.yields == 1
+            s.beat(yield_cpu=False)  # caught up: ordinary again
+            assert _policy(0) == os.SCHED_OTHER and not s.idle and s.boosts == 0
+            s.beat(yield_cpu=True)
         finally:
             s.stop()
-        assert _policy(0) == os.SCHED_OTHER
+        assert _policy(0) == os.SCHED_OTHER and s.yields == 2
         assert not any(t.name == "hopwatch-guard" for t in threading.enumerate())
 
     _in_thread(body)
 
 
-def test_starved_loop_is_lifted_for_one_iteration() -> None:
+def test_starved_loop_is_lifted() -> None:
     def body() -> None:
         s = IdleScheduling(starve_s=0.2)
         assert s.start()
         try:
+            s.beat(yield_cpu=True)
+            assert _policy(0) == os.SCHED_IDLE
             # No beat for longer than starve_s: the guard lifts this thread.
             deadline = time.monotonic() + 5
             while s.boosts == 0 and time.monotonic() < deadline:
                 time.sleep(0.05)
-            assert s.boosts == 1
+            assert s.boosts == 1 and not s.idle
             assert _policy(0) == os.SCHED_OTHER
-            s.beat()  # the iteration ended: idle again
-            assert _policy(0) == os.SCHED_IDLE
-            # Beating often enough: never lifted again.
-            for _ in range(10):
+            s.beat(yield_cpu=True)  # the iteration ended, still shedding: idle again
+            assert _policy(0) == os.SCHED_IDLE and s.yields == 2
+            for _ in range(10):  # beating often enough: never lifted again
                 time.sleep(0.05)
-                s.beat()
+                s.beat(yield_cpu=True)
             assert s.boosts == 1 and _policy(0) == os.SCHED_IDLE
         finally:
             s.stop()
+        assert _policy(0) == os.SCHED_OTHER
 
     _in_thread(body)
 
 
-def test_urgent_work_takes_the_ordinary_policy_until_done() -> None:
-    def body() -> None:
-        s = IdleScheduling(starve_s=5.0)
-        assert s.start()
-        try:
-            s.beat(urgent=True)  # connection events queued: do not wait for idle CPU
-            assert _policy(0) == os.SCHED_OTHER and s.urgent == 1
-            s.beat(urgent=True)  # still urgent: stays, counted once
-            assert _policy(0) == os.SCHED_OTHER and s.urgent == 1
-            s.beat()  # caught up
-            assert _policy(0) == os.SCHED_IDLE and s.urgent == 1 and s.boosts == 0
-        finally:
-            s.stop()
-
-    _in_thread(body)
+def _thread_names(pid: int) -> list[str]:
+    return [
+        Path(f"/proc/{pid}/task/{t}/comm").read_text().strip()
+        for t in os.listdir(f"/proc/{pid}/task")
+    ]
 
 
 @pytest.mark.kernel
-def test_daemon_loop_idles_and_metrics_thread_does_not(daemon: Daemon) -> None:
+def test_daemon_that_keeps_up_stays_ordinary(daemon: Daemon) -> None:
     pid = daemon.proc.pid
     tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
-    policies = {tid: _policy(tid) for tid in tids}
-    assert policies[pid] == os.SCHED_IDLE  # the main thread runs the loop
-    # The /metrics server (and the guard) keep the ordinary policy: scrapes answer.
-    assert sum(p == os.SCHED_OTHER for tid, p in policies.items() if tid != pid) >= 2
-    names = {name for name, _labels in daemon.scrape().samples}
-    assert "hopwatch_capture_scheduling_boosts_total" in names
+    assert all(_policy(tid) == os.SCHED_OTHER for tid in tids)
+    assert _thread_names(pid).count("hopwatch-guard") == 1  # ready to yield when it sheds
+    snap = daemon.scrape()
+    names = {name for name, _labels in snap.samples}
+    assert "hopwatch_capture_scheduling_yields_total" in names
+    assert snap.total("hopwatch_capture_scheduling_idle") == 0
 
 
 @pytest.mark.kernel
-def test_scheduling_normal_keeps_the_loop_ordinary(tmp_path: Path) -> None:
+def test_scheduling_normal_starts_no_guard(tmp_path: Path) -> None:
     d = Daemon(tmp_path, config='[capture]\nscheduling = "normal"\n', name="hw_sched_normal")
     try:
         d.settle()
-        assert _policy(d.proc.pid) == os.SCHED_OTHER
-        assert d.scrape().total("hopwatch_capture_scheduling_boosts_total") == 0
+        assert "hopwatch-guard" not in _thread_names(d.proc.pid)
+        assert d.scrape().total("hopwatch_capture_scheduling_yields_total") == 0
     finally:
         assert d.stop() == 0

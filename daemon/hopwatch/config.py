@@ -194,8 +194,9 @@ class CaptureSettings:
     exclude_cgroups: tuple[int, ...] = ()
     exclude_ports: tuple[int, ...] = ()
     poll_timeout_ms: int = 100
-    # "idle": the analysis thread runs SCHED_IDLE (only CPU no workload wants; a starved
-    # loop is lifted back for one iteration). "normal": an ordinary thread.
+    # "idle": while the capture sheds (the ring is full), the analysis thread runs
+    # SCHED_IDLE (only CPU no workload wants; lifted when it starves). "normal": always an
+    # ordinary thread.
     scheduling: str = "idle"
 
 

@@ -1,32 +1,32 @@
-"""Yield the CPU to the workloads being observed, without starving.
+"""Yield the CPU to the workloads being observed when the analysis cannot keep up anyway.
 
 Theory of operation
 -------------------
-An observer that competes with the node's workloads for CPU costs them throughput exactly
-when they are busiest. So the analysis loop runs under ``SCHED_IDLE``: the kernel gives it
-only CPU time that no ordinary thread wants, and any waking workload thread preempts it at
-once (a low ``nice`` value does not: the running task keeps its slice). When the loop cannot
-keep up, records wait in the ring buffer until it is full; then the kernel copies nothing
-and counts every syscall it let pass (``events_lost_total{reason="ring_full"}``), at a cost
-of a few hash lookups per syscall instead of a copy.
+While the analysis loop keeps up with the traffic it is an ordinary thread: every message
+is seen. Once it falls behind, the ring buffer fills and the kernel copies nothing more,
+counting every syscall it lets pass (``events_lost_total{reason="ring_full"}``) at the cost
+of a few lookups per syscall. From then on a loop that keeps competing for CPU only makes the
+workloads slower without seeing more of them: the node is saturated. So while the capture
+sheds, the loop runs under ``SCHED_IDLE``: the kernel gives it only CPU time that no ordinary
+thread wants, and any waking workload thread preempts it at once (a low ``nice`` value does
+not: the running task keeps its slice). When the shedding stops, it is ordinary again.
 
-A thread that only ever runs when a CPU is idle can starve for as long as the node is
-saturated, and with it the systemd watchdog, the process names read from /proc and the
-HTTP scrapes (which need the interpreter lock the loop holds). A guard thread, created
-before the loop turns idle and so keeping the ordinary policy, checks the loop's heartbeat:
-when an iteration has not finished for ``starve_s`` it lifts the loop to ``SCHED_OTHER``
-(counted in ``boosts``); the loop drops back to idle as soon as that iteration ends. Each
-iteration is bounded (``LiveCapture.batch_records``), so a lift costs the workloads one
-batch of analysis at most every ``starve_s``.
+An idle thread can starve for as long as the node is saturated, and with it the systemd
+watchdog and the HTTP scrapes (which need the interpreter lock the loop holds). A guard
+thread, keeping the ordinary policy, checks the loop's heartbeat: when an iteration has not
+finished for ``starve_s`` it lifts the loop to ``SCHED_OTHER`` (counted in ``boosts``); the
+loop goes back to idle after that iteration if it still sheds. Each iteration is bounded
+(``LiveCapture.batch_records``), so a lift costs the workloads one batch at most every
+``starve_s``.
 
-Data can be shed; connection events cannot (a lost open leaves a connection untracked
-until its next data, a lost close leaves a stale entry). So while the kernel has submitted
-many more of those than the loop has read (a connection storm), the loop itself asks for
-the ordinary policy (``beat(urgent=True)``, counted in ``urgent``) until it has caught up.
+Data can be shed; connection events cannot (a lost open leaves a connection untracked until
+its next data, a lost close leaves a stale entry). The loop therefore does not yield while
+many of those wait in the ring (a connection storm); the caller decides, per iteration.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import threading
@@ -36,16 +36,18 @@ __all__ = ["IdleScheduling"]
 
 log = logging.getLogger(__name__)
 
+_PR_SET_NAME = 15
+
 
 class IdleScheduling:
     """Call :meth:`start` from the loop's thread, :meth:`beat` after each iteration."""
 
     def __init__(self, starve_s: float = 2.0) -> None:
         self.starve_s = starve_s
-        self.boosts = 0  # lifted by the guard (starved)
-        self.urgent = 0  # lifted by the loop (connection events queued)
+        self.boosts = 0  # starved: lifted by the guard
+        self.yields = 0  # switches to SCHED_IDLE (the capture was shedding)
         self._lock = threading.Lock()
-        self._boosted = False
+        self._idle = False
         self._beat = time.monotonic()
         self._tid = 0
         self._stop = threading.Event()
@@ -55,12 +57,16 @@ class IdleScheduling:
     def active(self) -> bool:
         return self._guard is not None
 
+    @property
+    def idle(self) -> bool:
+        """The loop runs SCHED_IDLE now."""
+        return self._idle
+
     def start(self) -> bool:
-        """Turn the calling thread idle and start the guard. False when the kernel refuses."""
-        self._tid = threading.get_native_id()
-        self._beat = time.monotonic()
+        """Start the guard (the loop stays ordinary until it yields). False when the kernel
+        would not let an idle loop become ordinary again."""
         # Leaving SCHED_IDLE needs CAP_SYS_NICE or RLIMIT_NICE >= 20 (LimitNICE=+0 in the
-        # unit): without it a starved loop could not be lifted, so it stays ordinary.
+        # unit): without it a starved loop could not be lifted, so it never yields.
         problem = _round_trip()
         if problem is not None:
             log.warning(
@@ -69,31 +75,25 @@ class IdleScheduling:
                 problem,
             )
             return False
-        guard = threading.Thread(target=self._watch, name="hopwatch-guard", daemon=True)
-        guard.start()  # before the policy change: the guard keeps SCHED_OTHER
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-        self._guard = guard
-        log.info("analysis loop runs SCHED_IDLE (lifted when it starves for %.1f s)", self.starve_s)
+        self._tid = threading.get_native_id()
+        self._beat = time.monotonic()
+        self._guard = threading.Thread(target=self._watch, name="hopwatch-guard", daemon=True)
+        self._guard.start()
+        log.info("the analysis loop yields the CPU (SCHED_IDLE) while the capture sheds")
         return True
 
-    def beat(self, *, urgent: bool = False) -> None:
-        """One loop iteration finished: back to idle if the guard had lifted it.
-
-        ``urgent``: work that must not wait for idle CPU is queued (connection opens and
-        closes: losing them loses track of connections, unlike data, which is shed and
-        counted): keep or take the ordinary policy until it is done.
-        """
+    def beat(self, *, yield_cpu: bool) -> None:
+        """One loop iteration finished; ``yield_cpu``: run the next one SCHED_IDLE."""
         self._beat = time.monotonic()
-        if urgent == self._boosted or self._guard is None:
+        if self._guard is None or yield_cpu == self._idle:
             return
         with self._lock:
-            if urgent:
-                os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
-                self._boosted = True
-                self.urgent += 1
-            else:
+            if yield_cpu:
                 os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-                self._boosted = False
+                self.yields += 1
+            else:
+                os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+            self._idle = yield_cpu
 
     def stop(self) -> None:
         """Stop the guard and give the calling thread the ordinary policy back."""
@@ -103,22 +103,31 @@ class IdleScheduling:
         self._guard.join()
         self._guard = None
         with self._lock:
-            self._boosted = False
-            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+            if self._idle:
+                os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+                self._idle = False
 
     def _watch(self) -> None:
+        _name_thread(b"hopwatch-guard")  # shown by top -H, ps -L
         while not self._stop.wait(self.starve_s / 4):
-            if self._boosted or time.monotonic() - self._beat < self.starve_s:
+            if not self._idle or time.monotonic() - self._beat < self.starve_s:
                 continue
             with self._lock:
-                if self._stop.is_set() or self._boosted:
+                if self._stop.is_set() or not self._idle:
                     continue
                 try:
                     os.sched_setscheduler(self._tid, os.SCHED_OTHER, os.sched_param(0))
                 except OSError:  # the loop thread is gone
                     return
-                self._boosted = True
+                self._idle = False
                 self.boosts += 1
+
+
+def _name_thread(name: bytes) -> None:
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_NAME, ctypes.c_char_p(name[:15]), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _round_trip() -> str | None:

@@ -78,12 +78,22 @@ _STATS_DOCS: dict[str, tuple[str, str, str | None]] = {
         "OpenSSL copies (libssl, binaries exporting SSL_*) the uprobes are attached to.",
         None,
     ),
+    "capture_scheduling_yields_total": (
+        "counter",
+        "Times the analysis loop switched to SCHED_IDLE because the capture was shedding "
+        "([capture] scheduling = \"idle\").",
+        None,
+    ),
     "capture_scheduling_boosts_total": (
         "counter",
-        "Times the idle-priority analysis loop ([capture] scheduling = \"idle\") took the "
-        "ordinary policy: starved (it had not finished an iteration for 2 s) or urgent "
-        "(connection events queued in the ring).",
-        "reason",
+        "Times the idle analysis loop starved (no iteration finished for 2 s) and was lifted "
+        "to the ordinary policy.",
+        None,
+    ),
+    "capture_scheduling_idle": (
+        "gauge",
+        "1 while the analysis loop runs SCHED_IDLE (yielding the CPU to the workloads).",
+        None,
     ),
     "connections_tracked": ("gauge", "Connections in the connection table.", None),
     "connections_total": ("counter", "Connection-table operations, by event.", "event"),
@@ -96,8 +106,10 @@ _STATS_DOCS: dict[str, tuple[str, str, str | None]] = {
 }
 
 
-# Connection events queued in the ring beyond which the idle-priority loop asks for the
-# ordinary policy (a connection storm): ~1/20 of what the default ring holds.
+# The loop yields the CPU for this long after the capture last shed (ring full)...
+_SHEDDING_S = 1.0
+# ... unless this many connection events wait in the ring (a connection storm): ~1/20 of
+# what the default ring holds.
 _URGENT_BACKLOG = 10_000
 
 _LOST_REASONS = (
@@ -276,10 +288,9 @@ class Daemon:
                 "ciphertext_chunks": self.pipeline.tls_ciphertext_chunks if self.pipeline else 0,
             }
             out["capture_tls_targets"] = k["tls_targets"]
-        out["capture_scheduling_boosts_total"] = {
-            "starved": self.scheduling.boosts,
-            "urgent": self.scheduling.urgent,
-        }
+        out["capture_scheduling_yields_total"] = self.scheduling.yields
+        out["capture_scheduling_boosts_total"] = self.scheduling.boosts
+        out["capture_scheduling_idle"] = int(self.scheduling.idle)
         out["connections_tracked"] = len(self.conns)
         out["connections_total"] = dict(self.conns.counters())
         if self.hops is not None:
@@ -315,8 +326,12 @@ class Daemon:
             self.metrics.overflow_check()
             self.notifier.watchdog()
             if self.scheduling.active:
-                backlog = self.capture.lifecycle_backlog()
-                self.scheduling.beat(urgent=backlog > _URGENT_BACKLOG)
+                # Yield the CPU while the capture sheds (the node is saturated: competing
+                # would slow the workloads and see no more), unless connection events queue.
+                shedding = time.monotonic() - self.capture.ring_full_at < _SHEDDING_S
+                self.scheduling.beat(
+                    yield_cpu=shedding and self.capture.lifecycle_backlog() < _URGENT_BACKLOG
+                )
             now = time.monotonic()
             if now - last_evict > 5:
                 # Idle connections out, cached /proc tables expired, and the heap that a

@@ -401,6 +401,7 @@ class LiveCapture:
         self._batch = max(1, self.config.batch_records)
         self._behind = False  # the last poll stopped at the batch bound
         self._lifecycle_read = 0  # records other than data read from the ring
+        self.ring_full_at = -1e9  # time.monotonic() when a poll last saw ring_full grow
         self._comms: dict[bytes, str] = {}  # raw comm field -> name (bounded)
         self._slots: collections.deque[CaptureEvent | _Pending] = collections.deque()
         self._pending: dict[int, tuple[int, _Pending]] = {}  # tid -> (ts_ns, pending)
@@ -904,6 +905,8 @@ class LiveCapture:
             if now > self._lost_seen[name]:
                 out.append(LostEvents(name, now - self._lost_seen[name]))
                 self._lost_seen[name] = now
+                if name == "ring_full":
+                    self.ring_full_at = time.monotonic()
         return out
 
     def _record(self, rec: bytes) -> None:
