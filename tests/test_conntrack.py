@@ -428,3 +428,97 @@ def test_memory_per_idle_entry(tmp_path: Path):
     print(f"connection table: {per_entry:.0f} bytes per entry ({after - before} for {len(t)})")
     assert len(t) == 100_000
     assert per_entry < 600  # 100,000 entries well under 60 MB of the daemon's 200 MB budget
+
+
+def test_memory_per_quiet_entry(tmp_path: Path):
+    """The same 100,000 connections opened quiet (the daemon's path): a packed int each."""
+    for pid in range(1000, 1500):
+        make_proc(tmp_path, pid, comm=f"svc{pid}", cgroup=f"0::/system.slice/svc{pid}.service\n")
+    t = ConnectionTable(ProcFS(root=str(tmp_path)), max_entries=200_000)
+    for pid in range(1000, 1500):
+        t.procfs.process(pid)
+    events = [
+        opened(
+            1000 + i % 500,
+            10 + i // 500,
+            peer=SockAddr(V4, f"10.{i // 65536}.{i // 256 % 256}.{i % 256}", 443),
+            ts=10**18 + i,
+        )
+        for i in range(100_000)
+    ]
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for ev in events:
+            t.open_quiet(ev)
+        gc.collect()
+        after = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    per_entry = (after - before) / len(t)
+    print(f"quiet connections: {per_entry:.0f} bytes per entry ({after - before} for {len(t)})")
+    assert len(t) == 100_000
+    assert per_entry < 160
+
+
+# ---------------------------------------------------------------------------------------------
+# quiet connections (opened, no data yet)
+
+
+@pytest.mark.parametrize(
+    "peer",
+    [
+        pytest.param(PEER, id="v4"),
+        pytest.param(SockAddr(V6, "2001:db8::7", 8443), id="v6"),
+        pytest.param(SockAddr(V6, "::ffff:10.0.0.9", 80), id="v4-mapped"),
+        pytest.param(None, id="no-peer"),
+    ],
+)
+def test_quiet_connection_wakes_on_first_data(fake: Path, peer: SockAddr | None):
+    t = table(fake)
+    t.open_quiet(opened(7, 4, role="server", peer=peer, ts=10**18 + 5))
+    assert len(t) == 1 and (7, 4) in t and (7, 5) not in t
+    conn = t.get_or_adopt(7, 4, 10**18 + 9)
+    assert conn is not None and conn.origin == "opened" and conn.role == "server"
+    want = None if peer is None else SockAddr(
+        V4 if peer.host.startswith("::ffff:") else peer.family,
+        peer.host.removeprefix("::ffff:"),
+        peer.port,
+    )
+    if peer is None or peer == PEER:
+        assert conn.peer == PEER  # resolved from the socket's table row
+    else:
+        assert conn.peer == want
+    assert conn.created_ns == 10**18 + 5 and conn.last_seen_ns == 10**18 + 9
+    assert conn.process == ProcessInfo(7, "nginx", "nginx.service")
+    assert t.get(7, 4) is conn and len(t) == 1  # one connection, now a Connection
+    assert t.counters()["opened"] == 1
+
+
+def test_quiet_connection_close_exit_and_name_of_a_gone_process(fake: Path):
+    t = table(fake)
+    t.open_quiet(opened(7, 4))
+    assert t.close(7, 4) is None  # nothing to finish: it never carried data
+    assert len(t) == 0 and t.counters()["closed"] == 1 and t.close(7, 4) is None
+    assert t.counters()["closed"] == 1
+    for fd in (4, 5):
+        t.open_quiet(opened(7, fd))
+    assert t.process_exited(7) == [] and len(t) == 0 and t.counters()["exited"] == 2
+    # A process /proc does not know (gone already): the name from its open event.
+    t.open_quiet(opened(4_000_001, 3, comm="short-lived"))
+    conn = t.get(4_000_001, 3)
+    assert conn is not None and conn.process.comm == "short-lived"
+
+
+def test_quiet_connections_are_bounded_and_expire(fake: Path):
+    drops: list[tuple[int, str]] = []
+    t = table(fake, max_entries=3, on_drop=lambda c, why: drops.append((c.fd, why)))
+    t.open(opened(8, 10, ts=1))  # a Connection, least recently used
+    for fd, ts in ((11, 2), (12, 3), (13, 4)):
+        t.open_quiet(opened(8, fd, ts=ts))
+    assert len(t) == 3 and drops == [(11, "evicted")]  # the quiet ones go first
+    assert [c.fd for c in t] == [12, 13, 10]  # quiet ones first in a snapshot
+    assert [c.fd for c in t.evict_idle(now_ns=10, idle_ns=7)] == [10, 12]
+    assert len(t) == 1 and (8, 13) in t
+    assert drops[1:] == [(10, "idle"), (12, "idle")]

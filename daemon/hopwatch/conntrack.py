@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import socket
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
@@ -132,6 +133,12 @@ class ConnectionTable:
         self._conns: OrderedDict[tuple[int, int], Connection] = OrderedDict()
         # tgid -> {fd: None} (dicts: a set costs ~3x the memory per entry)
         self._by_tgid: dict[int, dict[int, None]] = {}
+        # Opened, no data yet (``open_quiet``): tgid -> {fd: packed open event}, one int
+        # each instead of a Connection (~120 bytes instead of ~420: most of 100k
+        # keep-alive connections never carry data while we watch).
+        self._quiet: dict[int, dict[int, int]] = {}
+        self._quiet_count = 0
+        self._quiet_names: dict[int, ProcessInfo] = {}  # tgid -> identity at its opens
         # tgid -> {fd: expiry_ns}; the whole map is bounded by max_negative entries.
         self._negative: dict[int, dict[int, int]] = {}
         self._negative_count = 0
@@ -140,14 +147,27 @@ class ConnectionTable:
     # -- introspection ---------------------------------------------------------------------
 
     def __len__(self) -> int:
-        return len(self._conns)
+        return len(self._conns) + self._quiet_count
 
     def __contains__(self, key: object) -> bool:
-        return key in self._conns
+        if key in self._conns:
+            return True
+        if isinstance(key, tuple) and len(key) == 2:
+            quiet = self._quiet.get(key[0])
+            return quiet is not None and key[1] in quiet
+        return False
 
     def __iter__(self) -> Iterator[Connection]:
-        """A snapshot, least recently used first (safe to mutate the table meanwhile)."""
-        return iter(list(self._conns.values()))
+        """A snapshot, least recently used first (safe to mutate the table meanwhile).
+
+        Quiet connections (``open_quiet``, no data yet) come first, built for the snapshot.
+        """
+        quiet = [
+            self._unpack(tgid, fd, packed)
+            for tgid, fds in self._quiet.items()
+            for fd, packed in fds.items()
+        ]
+        return iter(quiet + list(self._conns.values()))
 
     def counters(self) -> dict[str, int]:
         """Monotonic counters by event, for ``connections_total{event}``."""
@@ -189,11 +209,82 @@ class ConnectionTable:
         self._counters["opened"] += 1
         return conn
 
+    def open_quiet(self, ev: ConnOpened) -> None:
+        """Like :meth:`open`, but keep the connection packed until its first data.
+
+        The data path (``get_or_adopt``, ``get``) turns it into a :class:`Connection`;
+        one that closes first costs no Connection at all (``close`` then returns None: it
+        has no parser state to finish). Pcap sources (``identity``) use :meth:`open`.
+        """
+        packed = _pack(ev) if self._identity is None else None
+        if packed is None:
+            self.open(ev)
+            return
+        tgid, fd = ev.tgid, ev.fd
+        self._forget_negative(tgid, fd)
+        old = self._conns.get((tgid, fd))
+        if old is not None:
+            self._remove((tgid, fd))
+            self._counters["replaced"] += 1
+            self._dropped(old, "replaced")
+        quiet = self._quiet.get(tgid)
+        if quiet is None:
+            quiet = self._quiet[tgid] = {}
+            # Named now: a short-lived client may be gone from /proc at its first data.
+            self._quiet_names[tgid] = self._process(tgid, ev.comm)
+        if fd in quiet:
+            self._counters["replaced"] += 1
+        else:
+            self._quiet_count += 1
+        quiet[fd] = packed
+        self._counters["opened"] += 1
+        self._bound()
+
+    def _take_quiet(self, tgid: int, fd: int) -> int | None:
+        quiet = self._quiet.get(tgid)
+        if quiet is None:
+            return None
+        packed = quiet.pop(fd, None)
+        if packed is not None:
+            self._quiet_count -= 1
+            if not quiet:
+                del self._quiet[tgid]
+                self._quiet_names.pop(tgid, None)
+        return packed
+
+    def _wake(self, tgid: int, fd: int) -> Connection | None:
+        """A quiet connection's first data: it becomes a tracked Connection."""
+        quiet = self._quiet.get(tgid)
+        packed = None if quiet is None else quiet.get(fd)
+        if packed is None:
+            return None
+        conn = self._unpack(tgid, fd, packed)  # before _take_quiet forgets the name
+        self._take_quiet(tgid, fd)
+        self._insert(conn)
+        return conn
+
+    def _unpack(self, tgid: int, fd: int, packed: int) -> Connection:
+        role, peer, ts_ns = _unpack(packed)
+        return Connection(
+            tgid=tgid,
+            fd=fd,
+            role=role,
+            process=self._quiet_names.get(tgid) or self._process(tgid, ""),
+            peer=peer,
+            local=None,
+            created_ns=ts_ns,
+            last_seen_ns=ts_ns,
+            origin="opened",
+        )
+
     def close(self, tgid: int, fd: int) -> Connection | None:
-        """close() seen: the removed connection, or None when the fd was not tracked."""
+        """close() seen: the removed connection, or None when the fd was not tracked (or
+        was quiet: opened with ``open_quiet`` and no data since)."""
         self._forget_negative(tgid, fd)
         conn = self._conns.get((tgid, fd))
         if conn is None:
+            if self._take_quiet(tgid, fd) is not None:
+                self._counters["closed"] += 1
             return None
         self._remove((tgid, fd))
         self._counters["closed"] += 1
@@ -205,6 +296,11 @@ class ConnectionTable:
         dropped = self._negative.pop(tgid, None)
         if dropped:
             self._negative_count -= len(dropped)
+        quiet = self._quiet.pop(tgid, None)
+        self._quiet_names.pop(tgid, None)
+        if quiet:
+            self._quiet_count -= len(quiet)
+            self._counters["exited"] += len(quiet)
         fds = self._by_tgid.pop(tgid, None)
         if not fds:
             return []
@@ -216,7 +312,10 @@ class ConnectionTable:
 
     def get(self, tgid: int, fd: int) -> Connection | None:
         """Peek: no adoption, no LRU touch."""
-        return self._conns.get((tgid, fd))
+        conn = self._conns.get((tgid, fd))
+        if conn is None and self._quiet:
+            return self._wake(tgid, fd)
+        return conn
 
     def touch(self, conn: Connection, ts_ns: int) -> None:
         """Traffic on a tracked connection: mark it recently used."""
@@ -233,6 +332,8 @@ class ConnectionTable:
         """
         key = (tgid, fd)
         conn = self._conns.get(key)
+        if conn is None and self._quiet:
+            conn = self._wake(tgid, fd)
         if conn is not None:
             if ts_ns > conn.last_seen_ns:
                 conn.last_seen_ns = ts_ns
@@ -332,6 +433,18 @@ class ConnectionTable:
                 break
             self._remove(key)
             out.append(conn)
+        for tgid in list(self._quiet):
+            quiet = self._quiet[tgid]
+            while quiet:  # per process in open order: the oldest first
+                fd, packed = next(iter(quiet.items()))
+                if packed >> _TS_SHIFT > cutoff:
+                    break
+                out.append(self._unpack(tgid, fd, packed))
+                del quiet[fd]
+                self._quiet_count -= 1
+            if not quiet:
+                del self._quiet[tgid]
+                self._quiet_names.pop(tgid, None)
         self._counters["idle_evicted"] += len(out)
         for conn in out:
             self._dropped(conn, "idle")
@@ -388,9 +501,20 @@ class ConnectionTable:
             self._by_tgid[conn.tgid] = {conn.fd: None}
         else:
             fds[conn.fd] = None
-        while len(self._conns) > self.max_entries:
-            old_key, old = next(iter(self._conns.items()))
-            self._remove(old_key)
+        self._bound()
+
+    def _bound(self) -> None:
+        """Evict beyond ``max_entries``: quiet connections first (the oldest process's
+        oldest), then the least recently used."""
+        while len(self._conns) + self._quiet_count > self.max_entries:
+            if self._quiet:
+                tgid = next(iter(self._quiet))
+                fd = next(iter(self._quiet[tgid]))
+                old = self._unpack(tgid, fd, self._quiet[tgid][fd])
+                self._take_quiet(tgid, fd)
+            else:
+                old_key, old = next(iter(self._conns.items()))
+                self._remove(old_key)
             self._counters["evicted"] += 1
             self._dropped(old, "evicted")
 
@@ -442,3 +566,39 @@ def _same_addr(a: SockAddr, b: SockAddr) -> bool:
         return ipaddress.ip_address(a.host) == ipaddress.ip_address(b.host)
     except ValueError:
         return a.host == b.host
+
+
+# A quiet connection packed into one int: ts_ns << _TS_SHIFT | address << 20 | port << 4 |
+# v6 << 2 | role code. Ints are compact objects; a Connection with its SockAddr is not.
+_TS_SHIFT = 148
+_ROLES = ("", "client", "server")
+
+
+def _pack(ev: ConnOpened) -> int | None:
+    """The open event as one int; None when it does not fit (then a Connection is made)."""
+    try:
+        role = _ROLES.index(ev.role)
+    except ValueError:
+        return None
+    peer = normalize_addr(ev.peer)
+    addr = port = v6 = 0
+    if peer is not None:
+        try:
+            ip = ipaddress.ip_address(peer.host)
+        except ValueError:
+            return None
+        addr, port, v6 = int(ip), peer.port, int(ip.version == 6)
+    head = 0 if peer is None else 1
+    return ev.ts_ns << _TS_SHIFT | addr << 20 | port << 4 | v6 << 3 | head << 2 | role
+
+
+def _unpack(packed: int) -> tuple[str, SockAddr | None, int]:
+    role = _ROLES[packed & 3]
+    peer = None
+    if packed >> 2 & 1:
+        v6 = packed >> 3 & 1
+        port = packed >> 4 & 0xFFFF
+        addr = packed >> 20 & ((1 << 128) - 1)
+        ip = ipaddress.IPv6Address(addr) if v6 else ipaddress.IPv4Address(addr)
+        peer = SockAddr(socket.AF_INET6 if v6 else socket.AF_INET, str(ip), port)
+    return role, peer, packed >> _TS_SHIFT

@@ -155,7 +155,7 @@ class Pipeline:
         if isinstance(ev, DataChunk):
             self._data(ev)
         elif isinstance(ev, ConnOpened):
-            self.conns.open(ev)
+            self.conns.open_quiet(ev)
         elif isinstance(ev, ConnClosed):
             conn = self.conns.close(ev.tgid, ev.fd)
             if conn is not None:
