@@ -43,6 +43,8 @@ def gauges(s: Snapshot) -> dict[str, float]:
         "capture_kernel_connections": s.total("hopwatch_capture_kernel_connections"),
         "events_lost": s.total("hopwatch_events_lost_total"),
         "conn_table_full": s.total("hopwatch_events_lost_total", reason="conn_table_full"),
+        "ring_full": s.total("hopwatch_events_lost_total", reason="ring_full"),
+        "scheduling_yields": s.total("hopwatch_capture_scheduling_yields_total"),
         "requests_counted": s.total(
             "hopwatch_http_messages_total", process="sc_client", kind="request"
         ),
