@@ -9,7 +9,7 @@ import subprocess
 import sys
 import tracemalloc
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -405,38 +405,49 @@ def test_live_scan_existing_child_then_exit(child):
 # memory
 
 
-def test_memory_per_idle_entry(tmp_path: Path):
-    """100,000 connections of 500 processes: the table's own cost per entry."""
+def _services_table(root: Path) -> ConnectionTable:
+    """500 systemd services, their identities cached (shared by all their entries)."""
     for pid in range(1000, 1500):
-        make_proc(tmp_path, pid, comm=f"svc{pid}", cgroup=f"0::/system.slice/svc{pid}.service\n")
-    t = ConnectionTable(ProcFS(root=str(tmp_path)), max_entries=200_000)
-    for pid in range(1000, 1500):  # identities cached before measuring: shared by all entries
+        make_proc(root, pid, comm=f"svc{pid}", cgroup=f"0::/system.slice/svc{pid}.service\n")
+    t = ConnectionTable(ProcFS(root=str(root)), max_entries=200_000)
+    for pid in range(1000, 1500):
         t.procfs.process(pid)
+    return t
+
+
+def _allocated(fill: Callable[[], None]) -> int:
+    """Bytes ``fill`` leaves allocated (tracemalloc, after a collection)."""
     gc.collect()
     tracemalloc.start()
     try:
         before = tracemalloc.get_traced_memory()[0]
+        fill()
+        gc.collect()
+        return tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+
+
+def test_memory_per_idle_entry(tmp_path: Path):
+    """100,000 connections of 500 processes: the table's own cost per entry."""
+    t = _services_table(tmp_path)
+
+    def fill() -> None:
         for i in range(100_000):
             # each peer a distinct SockAddr (and host string) that the entry keeps alive
             host = f"10.{i // 65536}.{i // 256 % 256}.{i % 256}"
             t.open(opened(1000 + i % 500, 10 + i // 500, peer=SockAddr(V4, host, 443), ts=i))
-        gc.collect()
-        after = tracemalloc.get_traced_memory()[0]
-    finally:
-        tracemalloc.stop()
-    per_entry = (after - before) / len(t)
-    print(f"connection table: {per_entry:.0f} bytes per entry ({after - before} for {len(t)})")
+
+    used = _allocated(fill)
+    per_entry = used / len(t)
+    print(f"connection table: {per_entry:.0f} bytes per entry ({used} for {len(t)})")
     assert len(t) == 100_000
     assert per_entry < 600  # 100,000 entries well under 60 MB of the daemon's 200 MB budget
 
 
 def test_memory_per_quiet_entry(tmp_path: Path):
     """The same 100,000 connections opened quiet (the daemon's path): a packed int each."""
-    for pid in range(1000, 1500):
-        make_proc(tmp_path, pid, comm=f"svc{pid}", cgroup=f"0::/system.slice/svc{pid}.service\n")
-    t = ConnectionTable(ProcFS(root=str(tmp_path)), max_entries=200_000)
-    for pid in range(1000, 1500):
-        t.procfs.process(pid)
+    t = _services_table(tmp_path)
     events = [
         opened(
             1000 + i % 500,
@@ -446,18 +457,14 @@ def test_memory_per_quiet_entry(tmp_path: Path):
         )
         for i in range(100_000)
     ]
-    gc.collect()
-    tracemalloc.start()
-    try:
-        before = tracemalloc.get_traced_memory()[0]
+
+    def fill() -> None:
         for ev in events:
             t.open_quiet(ev)
-        gc.collect()
-        after = tracemalloc.get_traced_memory()[0]
-    finally:
-        tracemalloc.stop()
-    per_entry = (after - before) / len(t)
-    print(f"quiet connections: {per_entry:.0f} bytes per entry ({after - before} for {len(t)})")
+
+    used = _allocated(fill)
+    per_entry = used / len(t)
+    print(f"quiet connections: {per_entry:.0f} bytes per entry ({used} for {len(t)})")
     assert len(t) == 100_000
     assert per_entry < 160
 
