@@ -94,6 +94,7 @@ def test_v4_mapped_address_matches_v4_rule() -> None:
         ("[capture]\nring_buffer_bytes = 5000\n", 2, "power of two"),
         ("[metrics]\naddr = 'localhost'\n", 2, "HOST:PORT"),
         ("[capture]\n\nscheduling = 'fast'\n", 3, "capture.scheduling must be one of"),
+        ("[capture]\nshed_cpu_percent = 0\n", 2, "between 1 and 100"),
     ],
     ids=[
         "type",
@@ -106,6 +107,7 @@ def test_v4_mapped_address_matches_v4_rule() -> None:
         "ring-size",
         "addr",
         "scheduling",
+        "shed-budget",
     ],
 )
 def test_config_errors_name_the_line(text: str, line: int, needle: str) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from hopwatch.scheduling import IdleScheduling
+from hopwatch.scheduling import IdleScheduling, budget_pause
 from tests.helpers import Daemon
 
 
@@ -114,3 +114,17 @@ def test_scheduling_normal_starts_no_guard(tmp_path: Path) -> None:
         assert d.scrape().total("hopwatch_capture_scheduling_yields_total") == 0
     finally:
         assert d.stop() == 0
+
+
+@pytest.mark.parametrize(
+    ("used", "percent", "pause"),
+    [
+        (0.1, 25, 0.3),  # 0.1 s of CPU then 0.3 s asleep: 25 % of one CPU
+        (0.1, 50, 0.1),
+        (0.1, 100, 0.0),  # no cap
+        (0.5, 10, 1.0),  # capped: the loop comes back to beat the watchdog
+        (0.0, 25, 0.0),
+    ],
+)
+def test_budget_pause(used: float, percent: int, pause: float) -> None:
+    assert budget_pause(used, percent) == pytest.approx(pause)

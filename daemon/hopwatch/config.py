@@ -198,6 +198,9 @@ class CaptureSettings:
     # SCHED_IDLE (only CPU no workload wants; lifted when it starves). "normal": always an
     # ordinary thread.
     scheduling: str = "idle"
+    # While yielding (the capture sheds), the loop also sleeps so as to use at most this
+    # percentage of one CPU (100: no cap); what it leaves unread is shed and counted.
+    shed_cpu_percent: int = 25
 
 
 SCHEDULING = ("idle", "normal")
@@ -316,6 +319,7 @@ _SCHEMA: dict[str, dict[str, tuple[type, str]]] = {
         "exclude_ports": (list, "capture.exclude_ports"),
         "poll_timeout_ms": (_INT, "capture.poll_timeout_ms"),
         "scheduling": (str, "capture.scheduling"),
+        "shed_cpu_percent": (_INT, "capture.shed_cpu_percent"),
     },
     "metrics": {
         "addr": (str, "metrics_addr"),
@@ -472,6 +476,8 @@ def _check_value(section: str, key: str, value: Any, spec: tuple[type, str]) -> 
         if not all(isinstance(v, str) and v.strip() for v in value):
             return _Problem(f"{section}.{key} must be a list of non-empty names or patterns")
         return tuple(v.strip() for v in value)
+    if target == "capture.shed_cpu_percent" and not 1 <= value <= 100:
+        return _Problem("capture.shed_cpu_percent must be between 1 and 100")
     if target == "capture.scheduling" and value not in SCHEDULING:
         return _Problem(f"capture.scheduling must be one of {', '.join(map(repr, SCHEDULING))}")
     if target == "metrics_addr":

@@ -32,7 +32,7 @@ import os
 import threading
 import time
 
-__all__ = ["IdleScheduling"]
+__all__ = ["IdleScheduling", "budget_pause"]
 
 log = logging.getLogger(__name__)
 
@@ -146,3 +146,11 @@ def _round_trip() -> str | None:
     t.start()
     t.join()
     return result[0]
+
+
+def budget_pause(cpu_used_s: float, percent: int, cap_s: float = 1.0) -> float:
+    """Seconds to pause after an iteration that used ``cpu_used_s`` of CPU, so that the loop
+    uses at most ``percent`` % of one CPU (0 for 100 %); at most ``cap_s``."""
+    if percent >= 100 or cpu_used_s <= 0:
+        return 0.0
+    return min(cap_s, cpu_used_s * (100 / max(percent, 1) - 1))

@@ -24,7 +24,7 @@ from hopwatch.conntrack import ConnectionTable
 from hopwatch.hops import FindingSink, HopAnalyzer, HopFinding
 from hopwatch.metrics import KernelStatsCollector, Metrics
 from hopwatch.pipeline import Observer, Pipeline
-from hopwatch.scheduling import IdleScheduling
+from hopwatch.scheduling import IdleScheduling, budget_pause
 from hopwatch.sdnotify import Notifier
 
 __all__ = ["Daemon", "StartupError"]
@@ -88,6 +88,12 @@ _STATS_DOCS: dict[str, tuple[str, str, str | None]] = {
         "counter",
         "Times the idle analysis loop starved (no iteration finished for 2 s) and was lifted "
         "to the ordinary policy.",
+        None,
+    ),
+    "capture_shed_pause_seconds_total": (
+        "counter",
+        "Seconds the yielding analysis loop paused to stay within [capture] shed_cpu_percent "
+        "while the capture shed.",
         None,
     ),
     "capture_scheduling_idle": (
@@ -171,6 +177,7 @@ class Daemon:
         self._serve_metrics = serve_metrics  # False: no /metrics listener (hopwatch trace)
         self._stop = threading.Event()
         self.scheduling = IdleScheduling()
+        self.shed_pause_s = 0.0  # paused to keep the CPU budget while shedding
         self._reload = False
         self._http: Any = None
         self.notifier = Notifier()
@@ -291,6 +298,7 @@ class Daemon:
         out["capture_scheduling_yields_total"] = self.scheduling.yields
         out["capture_scheduling_boosts_total"] = self.scheduling.boosts
         out["capture_scheduling_idle"] = int(self.scheduling.idle)
+        out["capture_shed_pause_seconds_total"] = self.shed_pause_s
         out["connections_tracked"] = len(self.conns)
         out["connections_total"] = dict(self.conns.counters())
         if self.hops is not None:
@@ -316,13 +324,22 @@ class Daemon:
 
     def loop(self) -> None:
         assert self.capture is not None and self.pipeline is not None
-        timeout = self.config.capture.poll_timeout_ms
+        cap = self.config.capture
+        timeout = cap.poll_timeout_ms
         last_evict = time.monotonic()
         while not self._stop.is_set():
             if self._reload:
                 self._reload = False
                 self.reload()
+            cpu0 = time.thread_time()
             self.process(self.capture.poll(timeout))
+            if self.scheduling.idle:
+                # Shedding and yielding: also cap the loop's CPU (what stays in the ring is
+                # shed by the kernel and counted); SIGTERM ends the pause.
+                pause = budget_pause(time.thread_time() - cpu0, cap.shed_cpu_percent)
+                if pause:
+                    self.shed_pause_s += pause
+                    self._stop.wait(pause)
             self.metrics.overflow_check()
             self.notifier.watchdog()
             if self.scheduling.active:
