@@ -199,8 +199,9 @@ class CaptureSettings:
     # ordinary thread.
     scheduling: str = "idle"
     # While yielding (the capture sheds), the loop also sleeps so as to use at most this
-    # percentage of one CPU (100: no cap); what it leaves unread is shed and counted.
-    shed_cpu_percent: int = 25
+    # percentage of one CPU (100: no cap); what it leaves unread is shed and counted. A cap
+    # also slows the recovery from a moderate overload: off by default.
+    shed_cpu_percent: int = 100
 
 
 SCHEDULING = ("idle", "normal")
