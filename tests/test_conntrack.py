@@ -518,6 +518,13 @@ def test_quiet_connection_close_exit_and_name_of_a_gone_process(fake: Path):
     assert conn is not None and conn.process.comm == "short-lived"
 
 
+def test_open_on_a_quiet_fd_replaces_it(fake: Path):
+    t = table(fake)
+    t.open_quiet(opened(7, 4, ts=1))
+    conn = t.open(opened(7, 4, role="server", ts=2))
+    assert len(t) == 1 and t.get(7, 4) is conn and t.counters()["replaced"] == 1
+
+
 def test_quiet_connections_are_bounded_and_expire(fake: Path):
     drops: list[tuple[int, str]] = []
     t = table(fake, max_entries=3, on_drop=lambda c, why: drops.append((c.fd, why)))

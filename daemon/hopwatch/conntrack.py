@@ -184,6 +184,8 @@ class ConnectionTable:
         """connect()/accept() seen: track the connection, replacing an older one on the fd."""
         key = (ev.tgid, ev.fd)
         self._forget_negative(ev.tgid, ev.fd)
+        if self._quiet and self._take_quiet(ev.tgid, ev.fd) is not None:
+            self._counters["replaced"] += 1  # a quiet entry on the fd: no state to finish
         old = self._conns.get(key)
         if old is not None:
             self._remove(key)
@@ -252,15 +254,21 @@ class ConnectionTable:
                 self._quiet_names.pop(tgid, None)
         return packed
 
-    def _wake(self, tgid: int, fd: int) -> Connection | None:
-        """A quiet connection's first data: it becomes a tracked Connection."""
+    def _pop_quiet(self, tgid: int, fd: int) -> Connection | None:
+        """Remove a quiet entry, as a Connection (None when there is none)."""
         quiet = self._quiet.get(tgid)
         packed = None if quiet is None else quiet.get(fd)
         if packed is None:
             return None
         conn = self._unpack(tgid, fd, packed)  # before _take_quiet forgets the name
         self._take_quiet(tgid, fd)
-        self._insert(conn)
+        return conn
+
+    def _wake(self, tgid: int, fd: int) -> Connection | None:
+        """A quiet connection's first data: it becomes a tracked Connection."""
+        conn = self._pop_quiet(tgid, fd)
+        if conn is not None:
+            self._insert(conn)
         return conn
 
     def _unpack(self, tgid: int, fd: int, packed: int) -> Connection:
@@ -509,9 +517,9 @@ class ConnectionTable:
         while len(self._conns) + self._quiet_count > self.max_entries:
             if self._quiet:
                 tgid = next(iter(self._quiet))
-                fd = next(iter(self._quiet[tgid]))
-                old = self._unpack(tgid, fd, self._quiet[tgid][fd])
-                self._take_quiet(tgid, fd)
+                popped = self._pop_quiet(tgid, next(iter(self._quiet[tgid])))
+                assert popped is not None
+                old = popped
             else:
                 old_key, old = next(iter(self._conns.items()))
                 self._remove(old_key)
