@@ -401,6 +401,32 @@ def test_live_scan_existing_child_then_exit(child):
     assert t.counters()["not_inet"] == 1
 
 
+def test_a_socket_closed_before_its_data_is_read_reads_no_table():
+    """The reader lags (a storm): by the time the first data of a connection is read, the
+    process closed it. Asking the socket says so; no namespace table is read for it (one
+    read holds ~100 MiB on a node with 200k sockets)."""
+    pf = ProcFS()
+    t = ConnectionTable(pf)
+    lis = socket.socket()
+    lis.bind(("127.0.0.1", 0))
+    lis.listen()
+    cli = socket.create_connection(lis.getsockname())
+    srv, _ = lis.accept()
+    pid, fd = os.getpid(), cli.fileno()
+    peer = SockAddr(V4, "127.0.0.1", lis.getsockname()[1])
+    try:
+        t.open_quiet(opened(pid, fd, peer=peer))
+        srv.close()
+        cli.close()  # the fd number is free (or reused) before the data is read
+        reads = pf.table_reads
+        conn = t.get_or_adopt(pid, fd, 2)
+        assert conn is not None and conn.local is None and conn.resolved
+        assert pf.table_reads == reads
+        assert t.counters()["resolve_failed"] == 1
+    finally:
+        lis.close()
+
+
 # ---------------------------------------------------------------------------------------------
 # memory
 

@@ -19,6 +19,7 @@ import pytest
 
 from hopwatch.capture._types import SockAddr
 from hopwatch.procfs import (
+    Lookup,
     ProcessInfo,
     ProcFS,
     TcpState,
@@ -445,9 +446,10 @@ def test_resolve_fd_with_a_known_role_reads_no_table(pf: ProcFS):
         assert s.socket.local == SockAddr(V4, "127.0.0.1", port)
         assert s.socket.remote == SockAddr(V4, "127.0.0.1", cli.getsockname()[1])
         assert c.socket.inode == os.fstat(cli.fileno()).st_ino
-        # A listener has no peer: the hint does not make it a connection (table path).
-        got = pf.resolve_fd(pid, lis.fileno(), "server")
-        assert got is not None and got.socket.state is TcpState.LISTEN
+        # A listener has no peer: the hint does not make it a connection, and the socket
+        # says so (no table read either).
+        assert pf.resolve_fd(pid, lis.fileno(), "server") is None
+        assert pf.table_reads == reads
     finally:
         for x in (lis, cli, srv):
             x.close()
@@ -690,11 +692,15 @@ def test_socket_ends_asked_of_the_socket(pf: ProcFS, family: int, host: str, tmp
             SockAddr(family, host, port),
             SockAddr(family, host, cli.getsockname()[1]),
         )
-        # another socket now on the fd (inode differs), a listener, a pipe, no fd, no inode
-        assert pf.socket_ends(pid, cli.fileno(), srv_ino) is None
-        assert pf.socket_ends(pid, lis.fileno(), os.fstat(lis.fileno()).st_ino) is None
-        assert pf.socket_ends(pid, r, os.fstat(r).st_ino) is None
-        assert pf.socket_ends(pid, 10_000_000, ino) is None
+        # Known not to be that connection (no table can say more): another socket now on
+        # the fd (inode differs), a listener, a pipe, no such fd. The copies are closed.
+        fds = len(os.listdir("/proc/self/fd"))
+        assert pf.socket_ends(pid, cli.fileno(), srv_ino) is Lookup.GONE
+        assert pf.socket_ends(pid, lis.fileno(), os.fstat(lis.fileno()).st_ino) is Lookup.GONE
+        assert pf.socket_ends(pid, r, os.fstat(r).st_ino) is Lookup.GONE
+        assert pf.socket_ends(pid, 10_000_000, ino) is Lookup.GONE
+        assert len(os.listdir("/proc/self/fd")) == fds
+        # no inode to check against: not asked
         assert pf.socket_ends(pid, cli.fileno(), 0) is None
         # a /proc that is not this machine's: never asked
         assert ProcFS(str(tmp_path)).socket_ends(pid, cli.fileno(), ino) is None
@@ -715,4 +721,4 @@ def test_socket_ends_of_another_process(pf: ProcFS, child):
     )
     proc.kill()
     proc.wait()
-    assert pf.socket_ends(proc.pid, ofd, ino) is None  # gone: None, never raises
+    assert pf.socket_ends(proc.pid, ofd, ino) is Lookup.GONE  # never raises

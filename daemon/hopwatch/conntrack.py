@@ -381,7 +381,13 @@ class ConnectionTable:
             return conn.local is not None
         inode = conn.inode or self.procfs.socket_inode(conn.tgid, conn.fd) or 0
         ends = self.procfs.socket_ends(conn.tgid, conn.fd, inode)
-        if ends is not None:  # asked of the socket itself: no table read
+        if ends is Lookup.GONE:
+            # Closed (or the process exited) before its data was read: no table can say
+            # more, and reading one costs tens of MiB on a node with 100k sockets.
+            conn.resolved = True
+            self._counters["resolve_failed"] += 1
+            return False
+        if isinstance(ends, tuple):  # asked of the socket itself: no table read
             conn.resolved = True
             local, remote = ends
             if conn.peer is not None and not _same_addr(conn.peer, remote):

@@ -217,7 +217,10 @@ class Pipeline:
             self._chunk_children[direction] = children
         children[0].inc()
         children[1].inc(len(chunk.data))
-        conn = self.conns.get_or_adopt(chunk.tgid, chunk.fd, chunk.ts_ns, chunk.comm)
+        # The kernel's role, when it tracks the fd: adopting needs no table read then.
+        conn = self.conns.get_or_adopt(
+            chunk.tgid, chunk.fd, chunk.ts_ns, chunk.comm, chunk.role or None
+        )
         if conn is None:
             m.unknown_fd.inc()
             return

@@ -323,9 +323,12 @@ class _NetTable:
 
 
 class Lookup(enum.Enum):
-    """A budgeted lookup that could not re-read the table yet: ask again later."""
+    """Answers other than a socket: ``DEFERRED``, a budgeted lookup that could not re-read
+    the table yet (ask again later); ``GONE``, the socket asked of the process is no longer
+    behind its fd (a table, read now, cannot know it either)."""
 
     DEFERRED = "deferred"
+    GONE = "gone"
 
 
 def _socket_inode(link: str) -> int | None:
@@ -434,43 +437,52 @@ class ProcFS:
         link = self.fd_link(pid, fd)
         return _socket_inode(link) if link is not None else None
 
-    def socket_ends(self, pid: int, fd: int, inode: int) -> tuple[SockAddr, SockAddr] | None:
+    def socket_ends(
+        self, pid: int, fd: int, inode: int
+    ) -> tuple[SockAddr, SockAddr] | Lookup | None:
         """(local, peer) of ``pid``'s connected inet TCP socket ``fd``, asked of the socket
         itself: a copy of the fd (``pidfd_getfd``, which needs what reading another
         process's fds needs: CAP_SYS_PTRACE), ``getsockname``/``getpeername``, closed at
         once. No namespace table is read (one holds every socket of the namespace: 200k rows
-        on a busy node). None when that is not possible here (another /proc root, an old
-        kernel, a seccomp filter, a process that is gone) or when the fd no longer holds the
-        socket ``inode``; the caller then falls back to the table.
+        on a busy node).
+
+        ``Lookup.GONE`` when the answer is known to be "no connection": the process or the
+        fd is gone, the fd holds something else now, the socket is not connected (any
+        more). None when asking is not possible here (another /proc root, an old kernel, a
+        seccomp filter, no permission); only then may the caller fall back to the table.
         """
         if not self._getfd or inode <= 0:
             return None
         try:
             pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            return Lookup.GONE
         except OSError:
             return None
         try:
             dup = _LIBC.syscall(_SYS_PIDFD_GETFD, pidfd, fd, 0)
             if dup < 0:
-                if ctypes.get_errno() == errno.ENOSYS:
+                err = ctypes.get_errno()
+                if err == errno.ENOSYS:
                     self._getfd = False
-                return None
+                return Lookup.GONE if err in (errno.EBADF, errno.ESRCH) else None
         finally:
             os.close(pidfd)
         try:
             if os.fstat(dup).st_ino != inode:
-                return None  # the fd was closed and reused meanwhile
+                os.close(dup)
+                return Lookup.GONE  # the fd was closed and reused meanwhile
             sock = socket.socket(fileno=dup)
-        except OSError:
+        except OSError as exc:
             os.close(dup)
-            return None
+            return Lookup.GONE if exc.errno == errno.ENOTSOCK else None
         family = sock.family
         try:
             if sock.type != socket.SOCK_STREAM or family not in _INET_FAMILIES:
-                return None
+                return Lookup.GONE
             local, peer = sock.getsockname(), sock.getpeername()
         except OSError:  # not connected (any more)
-            return None
+            return Lookup.GONE
         finally:
             sock.close()
         return _sockaddr(family, local), _sockaddr(family, peer)
@@ -596,7 +608,9 @@ class ProcFS:
             return None
         if role is not None:
             ends = self.socket_ends(pid, fd, inode)
-            if ends is not None:
+            if ends is Lookup.GONE:
+                return None
+            if isinstance(ends, tuple):
                 local, peer = ends
                 return SocketFd(pid, fd, TcpSocket(inode, local, peer, TcpState.ESTABLISHED), role)
         found = self._lookup(pid, inode)

@@ -70,6 +70,7 @@ class DataChunk:
     tls: bool = False
     comm: str = ""
     offset: int = 0
+    role: str = ""  # "client" | "server" as the kernel tracks the connection; "" unknown
 
     @property
     def missed(self) -> int:

@@ -911,7 +911,7 @@ class LiveCapture:
 
     def _record(self, rec: bytes) -> None:
         if rec[0] == EV_DATA:
-            (_k, d, flags, _r, fd, tgid, tid, ts, comm, total, offset, skipped, chunk_off,
+            (_k, d, flags, role, fd, tgid, tid, ts, comm, total, offset, skipped, chunk_off,
              chunk_len, ssl) = _HDR_DATA.unpack_from(rec)
             if (
                 flags & _DF_WHOLE == _DF_WHOLE
@@ -927,10 +927,11 @@ class LiveCapture:
                     DataChunk(
                         tgid, tid, fd, _DIRECTIONS[d], ts, total,
                         rec[_DATA_START : _DATA_START + chunk_len], skipped, False, name, offset,
+                        ROLE_NAMES.get(role, ""),
                     )
                 )
                 return
-            self._data(rec, (_k, d, flags, _r, fd, tgid, tid, ts, comm))
+            self._data(rec, (_k, d, flags, role, fd, tgid, tid, ts, comm))
             return
         kind, d, flags, role, fd, tgid, tid, ts, comm = _HDR.unpack_from(rec)
         self._lifecycle_read += 1
@@ -1036,7 +1037,7 @@ class LiveCapture:
         self._pending.pop(tid, None)
         if incomplete:
             self._user_stats["incomplete_syscalls"] += 1
-        _k, d, _f, _r, fd, tgid, tid_, ts, comm = p.hdr
+        _k, d, _f, role, fd, tgid, tid_, ts, comm = p.hdr
         p.event = DataChunk(
             tgid=tgid,
             tid=tid_,
@@ -1049,6 +1050,7 @@ class LiveCapture:
             tls=p.ssl != 0,
             comm=_comm(comm),
             offset=p.offset,
+            role=ROLE_NAMES.get(role, ""),
         )
 
     def _flush_stale(self) -> None:

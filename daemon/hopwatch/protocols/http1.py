@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import re
 from collections import deque
+from collections.abc import Sequence
 
 from hopwatch.protocols._events import (
     PROPAGATION_HEADERS,
@@ -204,7 +205,7 @@ def _lookup(name: bytes) -> str:
     return key
 
 
-def _upgrade_protocol(values: list[bytes]) -> str | None:
+def _upgrade_protocol(values: Sequence[bytes]) -> str | None:
     """First protocol named by Upgrade header lines, lowercased; h2c is reported as http2."""
     for value in values:
         for token in value.split(b","):
@@ -267,13 +268,15 @@ class _Side:
         # The head being parsed.
         self.h_start: tuple[str, str, int] | None = None  # (method, target, status)
         self.h_bytes = 0
-        self.h_kept: list[tuple[str, str]] = []
+        # Empty tuples until a header is stored (`_store` makes the list): a connection
+        # whose heads all take the fast path never allocates them (100k connections).
+        self.h_kept: list[tuple[str, str]] | tuple[()] = ()
         self.h_size = 0
         self.h_trunc = False
         self.h_host: bytes | None = None
-        self.h_cl: list[bytes] = []
-        self.h_te: list[bytes] = []
-        self.h_up: list[bytes] = []
+        self.h_cl: list[bytes] | tuple[()] = ()
+        self.h_te: list[bytes] | tuple[()] = ()
+        self.h_up: list[bytes] | tuple[()] = ()
         # Pending header (its value may still be continued by obs-fold lines).
         self.p_key = ""
         self.p_val = b""
@@ -288,13 +291,13 @@ class _Side:
     def reset_head(self) -> None:
         self.h_start = None
         self.h_bytes = 0
-        self.h_kept = []
+        self.h_kept = ()
         self.h_size = 0
         self.h_trunc = False
         self.h_host = None
-        self.h_cl = []
-        self.h_te = []
-        self.h_up = []
+        self.h_cl = ()
+        self.h_te = ()
+        self.h_up = ()
         self.p_key = ""
         self.p_val = b""
         self.p_trunc = False
@@ -792,16 +795,28 @@ class Http1Parser:
                 side.h_trunc = True
                 return
             side.h_size = size
-            side.h_kept.append((key, value.decode("latin-1")))
-        elif key == _CONTENT_LENGTH:
-            side.h_cl.append(value)
+            kept = side.h_kept
+            if not kept:
+                kept = side.h_kept = []
+            kept.append((key, value.decode("latin-1")))
         elif key == _HOST:
             if side.h_host is None:
                 side.h_host = value
-        elif key == _TRANSFER_ENCODING:
-            side.h_te.append(value)
         else:
-            side.h_up.append(value)
+            # Content-Length, Transfer-Encoding, Upgrade: kept for the framing decision.
+            if key == _CONTENT_LENGTH:
+                values = side.h_cl
+                if not values:
+                    values = side.h_cl = []
+            elif key == _TRANSFER_ENCODING:
+                values = side.h_te
+                if not values:
+                    values = side.h_te = []
+            else:
+                values = side.h_up
+                if not values:
+                    values = side.h_up = []
+            values.append(value)
 
     # A line longer than max_buffer, consumed in pieces (streaming path only). The result
     # equals what `_header_line` gives for the whole line: the value keeps at most
@@ -1224,13 +1239,13 @@ class Http1Parser:
             pass
 
 
-def _chunked(values: list[bytes]) -> bool:
+def _chunked(values: Sequence[bytes]) -> bool:
     """Transfer-Encoding lines: is chunked the final coding?"""
     last = values[-1].rsplit(b",", 1)[-1].strip(_OWS)
     return last.lower() == b"chunked"
 
 
-def _content_length(values: list[bytes]) -> int:
+def _content_length(values: Sequence[bytes]) -> int:
     """Content-Length lines -> length, or -1 when invalid or contradictory."""
     if len(values) == 1:
         value = values[0]
