@@ -62,7 +62,6 @@ seen (`receive_gap` / `receive_skipped` inside a body); `ProtocolSwitched` last.
 from __future__ import annotations
 
 import re
-from collections import deque
 from collections.abc import Sequence
 
 from hopwatch.protocols._events import (
@@ -319,8 +318,10 @@ class Http1Parser:
         self._client = _Side(Origin.CLIENT)
         self._server = _Side(Origin.SERVER)
         # Requests waiting for their final response: (method, upgrade protocol or None).
-        self._pending: deque[tuple[str, str | None]] = deque()
-        self._last_request: MessageParsed | None = None
+        # A list, not a deque: one connection holds at most a few (a deque costs ~760 B
+        # even when empty, and 100k connections each have a parser).
+        self._pending: list[tuple[str, str | None]] = []
+        self._last_request: MessageParsed | None = None  # the last one asking to upgrade
 
     # ------------------------------------------------------------------ public API
 
@@ -395,7 +396,8 @@ class Http1Parser:
 
     @property
     def last_request(self) -> MessageParsed | None:
-        """The last request head parsed (after an h2c upgrade: HTTP/2 stream 1)."""
+        """The last request head that asked to upgrade (after an h2c upgrade: HTTP/2
+        stream 1). Others are not kept: a parser lives as long as its connection."""
         return self._last_request
 
     @property
@@ -488,7 +490,6 @@ class Http1Parser:
                 body,
             )
             out.append(msg)
-            self._last_request = msg
             pending.append((method, None))
         else:
             entry = pending[0] if pending else None
@@ -502,7 +503,7 @@ class Http1Parser:
             else:
                 body = -1
             if entry is not None:
-                pending.popleft()
+                pending.pop(0)
             out.append(
                 MessageParsed(
                     side.origin,
@@ -903,10 +904,11 @@ class Http1Parser:
                 truncated=truncated,
             )
             out.append(msg)
-            self._last_request = msg
+            if upgrade is not None:
+                self._last_request = msg
             pending = self._pending
             if len(pending) >= _MAX_PENDING:
-                pending.popleft()
+                pending.pop(0)
                 self._fail(side, "http1.pipeline_overflow", "oldest request forgotten", out)
             pending.append((method, upgrade))
             waits = method == "CONNECT" or upgrade is not None
@@ -926,7 +928,7 @@ class Http1Parser:
 
         if status < 200:
             switched = status == 101
-            entry = self._pending.popleft() if switched and self._pending else None
+            entry = self._pending.pop(0) if switched and self._pending else None
             out.append(
                 MessageParsed(
                     origin=side.origin,
@@ -945,7 +947,7 @@ class Http1Parser:
                 proto = _upgrade_protocol(side.h_up) or (entry[1] if entry else None)
                 self._switch(proto or "unknown", out)
             return
-        entry = self._pending.popleft() if self._pending else None
+        entry = self._pending.pop(0) if self._pending else None
         asked = entry[0] if entry is not None else None
         tunnel = asked == "CONNECT" and status < 300
         body, error = (0, "") if tunnel else self._response_body(side, asked, status)
