@@ -99,6 +99,19 @@ def test_first_data_resolves_local_address(fake: Path):
     assert t.counters()["resolve_failed"] == 0
 
 
+def test_lazy_local_address_is_resolved_when_asked(fake: Path):
+    """``eager_local=False`` (the daemon): data does not look the local address up (only a
+    finding's audit line needs it); a connection opened without a peer still is at once."""
+    t = table(fake, eager_local=False)
+    conn = t.open(opened(7, 4))
+    assert t.get_or_adopt(7, 4, 5) is conn
+    assert not conn.resolved and conn.local is None and t.procfs.table_reads == 0
+    assert t.resolve(conn) and conn.local == SockAddr(V4, "127.0.0.1", 43984)
+    srv = t.open(opened(7, 5, role="server", peer=None))
+    assert t.get_or_adopt(7, 5, 6) is srv
+    assert srv.resolved and srv.peer == SockAddr(V4, "127.0.0.1", 43984)
+
+
 def test_resolution_failures_are_counted_and_kept(fake: Path):
     t = table(fake)
     # the event's peer disagrees with what the socket now says: the fd was reused meanwhile

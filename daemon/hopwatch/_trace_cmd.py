@@ -328,8 +328,13 @@ class CaptureSession:
     def __init__(self, config: Config, recorder: TraceRecorder) -> None:
         from hopwatch.server import Daemon
 
+        # The trace joins hops by address: every connection's local address, at once.
         self.daemon = Daemon(
-            config, observers=(recorder,), finding_sinks=(recorder,), serve_metrics=False
+            config,
+            observers=(recorder,),
+            finding_sinks=(recorder,),
+            serve_metrics=False,
+            eager_local=True,
         )
         self._thread: threading.Thread | None = None
         self.failure: BaseException | None = None

@@ -157,6 +157,7 @@ class Daemon:
         on_ready: Callable[[], None] | None = None,
         finding_sinks: tuple[FindingSink, ...] = (),
         serve_metrics: bool = True,
+        eager_local: bool = False,
     ) -> None:
         self.config = config
         self.config_path = config_path
@@ -165,7 +166,9 @@ class Daemon:
             max_peer_labels=config.max_peer_labels,
         )
         self.conns = ConnectionTable(
-            max_entries=config.max_connections, on_drop=self._connection_dropped
+            max_entries=config.max_connections,
+            on_drop=self._connection_dropped,
+            eager_local=eager_local,
         )
         self.capture: Any = None
         self.pipeline: Pipeline | None = None
