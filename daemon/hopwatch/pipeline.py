@@ -104,13 +104,6 @@ class _ConnState:
         self.tls = tls
 
 
-def _origin(role: str, direction: Direction) -> Origin:
-    # A client sends requests and receives responses; a server the reverse.
-    if role == "client":
-        return Origin.CLIENT if direction is Direction.SEND else Origin.SERVER
-    return Origin.SERVER if direction is Direction.SEND else Origin.CLIENT
-
-
 class Pipeline:
     def __init__(
         self,
@@ -135,7 +128,7 @@ class Pipeline:
         self.audit = audit
         self.lost: dict[str, int] = {}
         # Prometheus label children of the hot counters (a labels() call costs ~1 µs).
-        self._chunk_children: dict[str, tuple[Any, Any]] = {}
+        self._chunk_children: dict[Direction, tuple[Any, Any]] = {}
         self._message_children: dict[tuple[str, str, str, str, str], Any] = {}
         self.tls_ciphertext_chunks = 0  # socket bytes of TLS connections kept from the parsers
 
@@ -210,10 +203,11 @@ class Pipeline:
 
     def _data(self, chunk: DataChunk) -> None:
         m = self.metrics
-        direction = chunk.direction.value
-        children = self._chunk_children.get(direction)
+        direction = chunk.direction
+        children = self._chunk_children.get(direction)  # by member: `.value` is a descriptor
         if children is None:
-            children = (m.chunks.labels(direction), m.bytes.labels(direction))
+            label = direction.value
+            children = (m.chunks.labels(label), m.bytes.labels(label))
             self._chunk_children[direction] = children
         children[0].inc()
         children[1].inc(len(chunk.data))
@@ -246,11 +240,16 @@ class Pipeline:
         parser = state.parser
         if parser.done:
             return
-        origin = _origin(conn.role, chunk.direction)
+        send = direction is Direction.SEND
+        # A client sends requests and receives responses; a server the reverse.
+        if conn.role == "client":
+            origin = Origin.CLIENT if send else Origin.SERVER
+        else:
+            origin = Origin.SERVER if send else Origin.CLIENT
         events: list[Event] = []
         # Offsets are the kernel's byte count of this direction: a jump means bytes that
         # moved but never reached us (a syscall in flight at attach, a lost record).
-        slot = 0 if chunk.direction is Direction.SEND else 1
+        slot = 0 if send else 1
         expected = state.next_offset[slot]
         state.next_offset[slot] = chunk.offset + chunk.total_len
         if expected >= 0 and chunk.offset > expected:

@@ -18,6 +18,7 @@ from typing import Any
 from prometheus_client import start_http_server
 
 from hopwatch.audit import AuditError, AuditLog
+from hopwatch.capture._types import DataChunk
 from hopwatch.capture.live import trim_heap
 from hopwatch.config import Config, ConfigError, load_config, split_host_port
 from hopwatch.conntrack import ConnectionTable
@@ -366,7 +367,8 @@ class Daemon:
         handle, hop_event = self.pipeline.handle, self.hops.handle_event
         for ev in events:
             handle(ev)
-            hop_event(ev)
+            if type(ev) is not DataChunk:  # the hop analyzer gets messages as observations
+                hop_event(ev)
 
     def reload(self) -> None:
         if self.config_path is None:
