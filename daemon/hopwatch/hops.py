@@ -67,6 +67,7 @@ from hopwatch.config import Config, EgressRule
 from hopwatch.metrics import Metrics
 from hopwatch.pipeline import Observation, peer_label
 from hopwatch.propagation import TraceContext, Verdict
+from hopwatch.protocols import Origin
 
 __all__ = [
     "REJECT_STATUSES",
@@ -426,13 +427,13 @@ class HopAnalyzer:
 
     # -- observer ---------------------------------------------------------------------------
     def __call__(self, obs: Observation) -> None:
-        msg = obs.message
+        request = obs.message.origin is Origin.CLIENT  # not the property: once per message
         if obs.direction == "inbound":
-            if msg.is_request:
+            if request:
                 self._inbound_request(obs)
             else:
                 self._inbound_response(obs)
-        elif msg.is_request:
+        elif request:
             self._outbound_request(obs)
         else:
             self._outbound_response(obs)

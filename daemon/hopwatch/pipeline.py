@@ -307,29 +307,28 @@ class Pipeline:
     def _message(
         self, conn: Connection, msg: MessageParsed, chunk: DataChunk | None, direction: Direction
     ) -> None:
-        cfg = self.config
         headers = msg.headers + msg.inferred_headers if msg.inferred_headers else msg.headers
         verdict = check_message(
             headers,
-            cfg.limits,
+            self._config.limits,  # the attribute, not the property: once per message
             header_block_bytes=msg.header_block_bytes,
             sensitive=self._sensitive,
         )
         proc = conn.process
-        obs = Observation(
-            message=msg,
-            verdict=verdict,
-            direction="outbound" if direction is Direction.SEND else "inbound",
-            tgid=conn.tgid,
-            tid=chunk.tid if chunk is not None else 0,
-            fd=conn.fd,
-            ts_ns=chunk.ts_ns if chunk is not None else 0,
-            process=proc.label if proc is not None else "unknown",
-            comm=proc.comm if proc is not None else "",
-            role=conn.role,
-            local=conn.local,
-            peer=conn.peer,
-            sni=conn.sni,
+        obs = Observation(  # positional (once per message): the fields in their order
+            msg,
+            verdict,
+            "outbound" if direction is Direction.SEND else "inbound",
+            conn.tgid,
+            chunk.tid if chunk is not None else 0,
+            conn.fd,
+            chunk.ts_ns if chunk is not None else 0,
+            proc.label if proc is not None else "unknown",
+            proc.comm if proc is not None else "",
+            conn.role,
+            conn.local,
+            conn.peer,
+            conn.sni,
         )
         for observer in self.observers:
             try:
@@ -341,7 +340,8 @@ class Pipeline:
         m = self.metrics
         process = m.process_label(obs.process)
         msg = obs.message
-        key = (obs.direction, msg.kind, msg.protocol, obs.verdict.context, process)
+        kind = "request" if msg.origin is Origin.CLIENT else "response"  # not the property
+        key = (obs.direction, kind, msg.protocol, obs.verdict.context, process)
         child = self._message_children.get(key)
         if child is None:
             # Bounded: 2 x 2 x 2 x 4 x the process label cap.

@@ -73,7 +73,7 @@ def _sniff(origin: Origin, data: bytes) -> str | None:
 
 
 class ConnectionParser:
-    __slots__ = ("_direct", "_h1", "_held", "_impl", "opaque", "protocol")
+    __slots__ = ("_direct", "_h1", "_held", "_impl", "done", "opaque", "protocol")
 
     def __init__(self) -> None:
         self._impl: Http1Parser | Http2Parser | None = None
@@ -85,15 +85,13 @@ class ConnectionParser:
         self._held: dict[Origin, bytes] = {}
         self.protocol: str | None = None  # "http1" | "http2" | "none" | None (undecided)
         self.opaque = False  # tunnel / websocket: nothing more to parse
+        # Nothing more will be parsed: the capture layer may stop copying. Not HTTP, or
+        # opaque; an attribute set where those change (read twice per chunk).
+        self.done = False
 
     @property
     def not_http(self) -> bool:
         return self.protocol == "none"
-
-    @property
-    def done(self) -> bool:
-        """Nothing more will be parsed: the capture layer may stop copying."""
-        return self.protocol == "none" or self.opaque
 
     def receive_data(self, origin: Origin, data: bytes) -> list[Event]:
         direct = self._direct
@@ -118,6 +116,7 @@ class ConnectionParser:
                     return []
             if verdict == "none":
                 self.protocol = "none"
+                self.done = True
                 self._held.clear()
                 return [ParseFailed(origin, "sniff.not_http", "first bytes are not HTTP")]
             self.protocol = verdict
@@ -178,6 +177,7 @@ class ConnectionParser:
                         rest += h2.receive_data(origin, data)
                 return events[: i + 1] + self._after(rest) + events[i + 1 :]
             self.opaque = True
+            self.done = True
             self._direct = self._h1 = None
             return events[: i + 1]
         return events
