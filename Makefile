@@ -55,7 +55,9 @@ lint: venv
 	$(VENV)/bin/mypy
 
 bench: setup
+	command -v valgrind >/dev/null || apt-get install -y -q valgrind  # hotpath: instructions
 	$(PY) bench/replay_bench.py
+	$(PY) bench/hotpath_bench.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info
