@@ -128,7 +128,8 @@ class Pipeline:
         self.audit = audit
         self.lost: dict[str, int] = {}
         # Prometheus label children of the hot counters (a labels() call costs ~1 µs).
-        self._chunk_children: dict[Direction, tuple[Any, Any]] = {}
+        # [send, recv]: indexed, not keyed by the enum (its hash and `.value` are Python calls)
+        self._chunk_children: list[tuple[Any, Any] | None] = [None, None]
         self._message_children: dict[tuple[str, str, str, str, str], Any] = {}
         self.tls_ciphertext_chunks = 0  # socket bytes of TLS connections kept from the parsers
 
@@ -204,11 +205,13 @@ class Pipeline:
     def _data(self, chunk: DataChunk) -> None:
         m = self.metrics
         direction = chunk.direction
-        children = self._chunk_children.get(direction)  # by member: `.value` is a descriptor
+        send = direction is Direction.SEND
+        slot = 0 if send else 1
+        children = self._chunk_children[slot]
         if children is None:
             label = direction.value
             children = (m.chunks.labels(label), m.bytes.labels(label))
-            self._chunk_children[direction] = children
+            self._chunk_children[slot] = children
         children[0].inc()
         children[1].inc(len(chunk.data))
         # The kernel's role, when it tracks the fd: adopting needs no table read then.
@@ -240,7 +243,6 @@ class Pipeline:
         parser = state.parser
         if parser.done:
             return
-        send = direction is Direction.SEND
         # A client sends requests and receives responses; a server the reverse.
         if conn.role == "client":
             origin = Origin.CLIENT if send else Origin.SERVER
@@ -249,7 +251,6 @@ class Pipeline:
         events: list[Event] = []
         # Offsets are the kernel's byte count of this direction: a jump means bytes that
         # moved but never reached us (a syscall in flight at attach, a lost record).
-        slot = 0 if send else 1
         expected = state.next_offset[slot]
         state.next_offset[slot] = chunk.offset + chunk.total_len
         if expected >= 0 and chunk.offset > expected:
@@ -260,7 +261,7 @@ class Pipeline:
             events += parser.receive_skipped(origin, chunk.skipped)
         if chunk.data:
             events += parser.receive_data(origin, chunk.data)
-        missed = chunk.missed
+        missed = chunk.total_len - chunk.skipped - len(chunk.data)  # DataChunk.missed
         if missed > 0:
             m.gap_bytes.inc(missed)
             events += parser.receive_gap(origin, missed)
