@@ -459,12 +459,9 @@ class ConnectionTable:
                 fd, packed = next(iter(quiet.items()))
                 if packed >> _TS_SHIFT > cutoff:
                     break
-                out.append(self._unpack(tgid, fd, packed))
-                del quiet[fd]
-                self._quiet_count -= 1
-            if not quiet:
-                del self._quiet[tgid]
-                self._quiet_names.pop(tgid, None)
+                conn = self._pop_quiet(tgid, fd)  # drops the process's dict once empty
+                assert conn is not None
+                out.append(conn)
         self._counters["idle_evicted"] += len(out)
         for conn in out:
             self._dropped(conn, "idle")
