@@ -45,10 +45,10 @@ def record(path: Path, rate: int, seconds: float) -> int:
     kept: list[bytes] = []
 
     class Recording(LiveCapture):
-        def _on_record(self, ctx: Any, data: Any, size: int) -> int:
-            ret = super()._on_record(ctx, data, size)
-            kept.append(self._raw[-1])
-            return ret
+        def _read(self, timeout_ms: int) -> None:
+            n = len(self._raw)
+            super()._read(timeout_ms)
+            kept.extend(self._raw[n:])
 
     tmp = Path(tempfile.mkdtemp(prefix="hw-hotpath-"))
     subprocess.run(["gcc", "-O2", "-o", str(tmp / "pacer"), str(BENCH / "pacer.c")], check=True)

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hopwatch.capture._ring import Ring, in_place_supported
 from hopwatch.capture._types import (
     CaptureEvent,
     ConnClosed,
@@ -245,6 +246,9 @@ class CaptureConfig:
     tls_hold_s: float = 5.0  # plaintext whose socket stays unknown this long is dropped
     tls_hold_max: int = 1024  # plaintext chunks held while their socket is unknown
     batch_records: int = 4096  # ring records read per poll (the rest wait in the ring)
+    # Read the ring in place (capture/_ring.py); False, or None on a machine where that is
+    # not sound: libbpf's reader, one ctypes callback per record.
+    ring_in_place: bool | None = None
 
 
 @dataclass(slots=True)
@@ -397,6 +401,7 @@ class LiveCapture:
             raise ValueError("chunk_size must be a power of two between 64 and 8192")
         self.source = source or BPF_SOURCE
         self._bpf: Any = None
+        self._ring: Ring | None = None
         self._raw: list[bytes] = []
         self._batch = max(1, self.config.batch_records)
         self._behind = False  # the last poll stopped at the batch bound
@@ -496,7 +501,14 @@ class LiveCapture:
             bpf[b"tls_jmp"][ct.c_int(0)] = ct.c_int(step_tls.fd)
             self._bpf = bpf
             self._write_cfg(exclude_self=cfg.exclude_self)
-            bpf[b"events"].open_ring_buffer(self._on_record)
+            events = bpf[b"events"]
+            in_place = cfg.ring_in_place
+            if in_place is None:
+                in_place = in_place_supported()
+            if in_place:
+                self._ring = Ring(events.map_fd, events.max_entries)
+            else:
+                events.open_ring_buffer(self._on_record)
         except Exception as exc:
             bpf.cleanup()
             self._bpf = None
@@ -559,6 +571,9 @@ class LiveCapture:
         bpf, self._bpf = self._bpf, None
         if bpf is None:
             return
+        if self._ring is not None:
+            self._ring.close()
+            self._ring = None
         if exiting and bpf.uprobe_fds:
             try:
                 self._detach_uprobes_after_exit(bpf)
@@ -796,6 +811,7 @@ class LiveCapture:
     # -- events ------------------------------------------------------------------------
 
     def _on_record(self, _ctx: Any, data: Any, size: int) -> int:
+        """libbpf's reader (``ring_in_place`` off): one ctypes callback per record."""
         raw = self._raw
         raw.append(ct.string_at(data, size))
         # A negative return stops libbpf's read (this record is taken): a reader that falls
@@ -803,17 +819,29 @@ class LiveCapture:
         # it, instead of copying it all into this process's memory at once.
         return -1 if len(raw) >= self._batch else 0
 
+    def _read(self, timeout_ms: int) -> None:
+        """Take up to ``batch_records`` records into ``_raw``; wait first only when the last
+        read was not cut short and nothing is waiting."""
+        ring = self._ring
+        if ring is None:
+            bpf = self._require()
+            if self._behind:
+                bpf.ring_buffer_consume()
+            else:
+                bpf.ring_buffer_poll(timeout_ms)
+                if len(self._raw) < self._batch:
+                    bpf.ring_buffer_consume()
+            return
+        if not self._behind and not ring.pending():
+            # The kernel wakes us only every WAKE_EVERY-th record (capture.c): the rest are
+            # read when the wait times out.
+            ring.wait(timeout_ms)
+        self._raw.extend(ring.read(self._batch - len(self._raw)))
+
     def poll(self, timeout_ms: int = 100) -> list[CaptureEvent]:
         """Wait up to ``timeout_ms`` for records; return the events completed so far."""
-        bpf = self._require()
-        # The kernel wakes us only every WAKE_EVERY-th record (capture.c): the rest are read
-        # when the wait times out. After a full batch more records are waiting: no wait.
-        if self._behind:
-            bpf.ring_buffer_consume()
-        else:
-            bpf.ring_buffer_poll(timeout_ms)
-            if len(self._raw) < self._batch:
-                bpf.ring_buffer_consume()
+        self._require()
+        self._read(timeout_ms)
         self._behind = len(self._raw) >= self._batch
         out = self._drain()
         out.extend(self._lost())
