@@ -563,17 +563,35 @@ def test_close_and_exit_events(rec: Recorder, driven: Callable[[str], Driven]) -
     assert d.pid not in rec.cap._by_tgid
 
 
-@pytest.mark.parametrize("in_place", [True, False], ids=["in_place", "libbpf"])
-def test_small_ring_wraps_exactly(tmp: Path, sink: int, in_place: bool) -> None:
+@pytest.mark.parametrize("reader", ["in_place", "libbpf", "mmap_fails"])
+def test_small_ring_wraps_exactly(
+    tmp: Path,
+    sink: int,
+    reader: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """A 64 KiB ring turns over ~20 times: every record arrives whole (those that run past
-    the end of the data area too) and in order, none shed, with either ring reader."""
+    the end of the data area too) and in order, none shed, with either ring reader; when
+    mapping the ring fails, libbpf's reader takes over and says so."""
+    import hopwatch.capture.live as live
+
+    if reader == "mmap_fails":
+
+        def refuse(fd: int, size: int) -> None:
+            raise OSError(1, "Operation not permitted")
+
+        monkeypatch.setattr(live, "Ring", refuse)
+    in_place = reader != "libbpf"
     script = tmp / "driven.py"
     script.write_text(DRIVEN)
     config = CaptureConfig(cap_bytes=CAP, ring_bytes=64 * 1024, tls=False, ring_in_place=in_place)
     with LiveCapture(config) as cap:
-        assert (cap._ring is not None) is in_place
+        assert (cap._ring is not None) is (reader == "in_place")
+        warned = "libbpf's reader instead" in caplog.text
+        assert warned is (reader == "mmap_fails")
         rec = Recorder(cap)
-        d = Driven(link(tmp, f"t_cap_wrap{int(in_place)}", sys.executable), script, sink)
+        d = Driven(link(tmp, f"t_cap_wrap_{reader}", sys.executable), script, sink)
         try:
             head = b"POST /wrap HTTP/1.1\r\nContent-Length: 640000\r\n\r\n"
             d.do(f"s.send({head!r})")

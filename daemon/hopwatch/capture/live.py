@@ -506,8 +506,11 @@ class LiveCapture:
             if in_place is None:
                 in_place = in_place_supported()
             if in_place:
-                self._ring = Ring(events.map_fd, events.max_entries)
-            else:
+                try:
+                    self._ring = Ring(events.map_fd, events.max_entries)
+                except (OSError, ValueError) as exc:
+                    log.warning("ring buffer: mapping it failed (%s); libbpf's reader instead", exc)
+            if self._ring is None:
                 events.open_ring_buffer(self._on_record)
         except Exception as exc:
             bpf.cleanup()
