@@ -9,8 +9,11 @@ Layout (kernel/bpf/ringbuf.c; libbpf's ringbuf.c reads it the same way):
 
 * page 0: the consumer position (u64), the only page user space may write;
 * page 1: the producer position (u64), read-only;
-* then the data area (``size`` bytes, a power of two), mapped twice back to back so that a
-  record running past the end continues at the start: a record is always one slice.
+* then the data area (``size`` bytes, a power of two). The kernel offers it twice back to
+  back, so that a record running past the end continues at the start; libbpf maps both,
+  and every page of a ring mapping is resident from the start, so that costs ``size`` of
+  RSS again (16 MiB by default). This maps it once and joins the two pieces of the rare
+  record that wraps.
 
 A record is an 8-byte header ``{u32 len | BUSY << 31 | DISCARD << 30, u32 page offset}``
 followed by ``len`` bytes, padded to 8. BUSY means reserved and not committed yet (the reader
@@ -54,12 +57,14 @@ class Ring:
         page = mmap.PAGESIZE
         self._mask = size - 1
         self._base = page  # the data area starts after the producer page
+        self._end = page + size
+        self.wrapped = 0  # records joined from the end and the start of the data area
         self._cons = mmap.mmap(
             map_fd, page, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE
         )
         try:
             self._data = mmap.mmap(
-                map_fd, page + 2 * size, mmap.MAP_SHARED, mmap.PROT_READ, offset=page
+                map_fd, page + size, mmap.MAP_SHARED, mmap.PROT_READ, offset=page
             )
             self._epoll = select.epoll(1)
             self._epoll.register(map_fd, select.EPOLLIN)
@@ -86,6 +91,7 @@ class Ring:
         out: list[bytes] = []
         data = self._data
         base = self._base
+        end = self._end
         mask = self._mask
         u32 = _U32.unpack_from
         cons = start = _U64.unpack_from(self._cons)[0]
@@ -97,7 +103,12 @@ class Ring:
                 break  # reserved, not committed yet: later records wait behind it
             n = head & _LEN
             if not head & _DISCARD:
-                out.append(data[off + _HDR : off + _HDR + n])
+                first = off + _HDR
+                if first + n <= end:
+                    out.append(data[first : first + n])
+                else:  # runs past the end of the data area: the rest is at its start
+                    out.append(data[first:end] + data[base : base + first + n - end])
+                    self.wrapped += 1
             cons += (n + _HDR + 7) & ~7
             if cons >= prod:
                 prod = _U64.unpack_from(data)[0]
