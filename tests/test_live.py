@@ -588,7 +588,22 @@ def test_keepalive_connection_opened_before_daemon(tmp_path: Path) -> None:
     }
 
 
-def test_self_metrics_present(daemon: Daemon) -> None:
+def test_self_metrics_present(daemon: Daemon, tmp_path: Path) -> None:
+    # One exchange of its own: the per-chunk counters exist once a chunk was delivered, and
+    # the test must not depend on the tests run before it.
+    port = free_port()
+    srv, cli = (
+        named(tmp_path, "t_selfsrv", SYSTEM_PYTHON),
+        named(tmp_path, "t_selfcli", SYSTEM_PYTHON),
+    )
+    with server([srv, str(PEERS / "h1_server.py"), "127.0.0.1", str(port)], port):
+        delta = traffic(
+            daemon, lambda: run([cli, str(PEERS / "h1_client.py"), "127.0.0.1", str(port), "1"])
+        )
+    assert counts(delta, "t_selfcli") == {
+        ("outbound", "request", "http1", "none"): 1,
+        ("inbound", "response", "http1", "none"): 1,
+    }
     snap = daemon.scrape()
     names = {n for n, _ in snap.samples}
     for required in (
@@ -600,6 +615,10 @@ def test_self_metrics_present(daemon: Daemon) -> None:
     ):
         assert required in names, required
     assert snap.total("hopwatch_capture_attached") == 1
+    # the ring's size (default 16 MiB) and what waits in it (read in place: known)
+    assert snap.total("hopwatch_capture_ring_bytes") == 16 << 20
+    assert "hopwatch_capture_ring_backlog_bytes" in names
+    assert 0 <= snap.total("hopwatch_capture_ring_backlog_bytes") < 16 << 20
     assert os.path.exists(f"/proc/{daemon.proc.pid}")
 
 

@@ -67,6 +67,19 @@ _STATS_DOCS: dict[str, tuple[str, str, str | None]] = {
         None,
     ),
     "capture_kernel_connections": ("gauge", "Connections tracked in the kernel map.", None),
+    "capture_ring_bytes": (
+        "gauge",
+        "Size of the ring buffer between the eBPF programs and the daemon ([capture] "
+        "ring_buffer_bytes).",
+        None,
+    ),
+    "capture_ring_backlog_bytes": (
+        "gauge",
+        "Bytes in the ring buffer not read yet (absent with libbpf's reader). Close to "
+        "capture_ring_bytes, the kernel is about to shed records (events_lost_total "
+        "reason=\"ring_full\").",
+        None,
+    ),
     "capture_tls_total": (
         "counter",
         "TLS capture: SSL calls reported (calls), of which the socket was unknown at return "
@@ -292,6 +305,10 @@ class Daemon:
             out["capture_filtered_total"] = {r: k.get(r, 0) for r in _FILTER_REASONS}
             out["capture_unknown_fd_total"] = k["unknown_fd"]
             out["capture_kernel_connections"] = k["connections"]
+            out["capture_ring_bytes"] = self.capture.ring_bytes
+            backlog = self.capture.ring_backlog()
+            if backlog is not None:
+                out["capture_ring_backlog_bytes"] = backlog
             out["capture_tls_total"] = {
                 "calls": k["tls_calls"],
                 "unbound": k["tls_unbound"],

@@ -458,6 +458,22 @@ class LiveCapture:
         return int(t.sum(ct.c_int(_C_LIFECYCLE)).value) - self._lifecycle_read
 
     @property
+    def ring_bytes(self) -> int:
+        """The ring's size: ``ring_bytes`` rounded up to a power-of-two number of pages."""
+        return _ring_pages(self.config.ring_bytes) * os.sysconf("SC_PAGE_SIZE")
+
+    def ring_backlog(self) -> int | None:
+        """Bytes in the ring not read yet; None with libbpf's reader (it cannot tell) or
+        when closed. Safe from another thread (the scrape)."""
+        ring = self._ring
+        if ring is None:
+            return None
+        try:
+            return ring.pending()
+        except (AttributeError, ValueError):  # closed meanwhile
+            return None
+
+    @property
     def is_open(self) -> bool:
         return self._bpf is not None
 
