@@ -2,8 +2,8 @@
 
 bcc's ``open_ring_buffer`` hands every record to Python through a ctypes callback (libbpf's
 ``ring_buffer__poll`` -> a C-to-Python trampoline -> bcc's wrapper -> ours -> ``string_at``):
-several µs per record, a tenth of the daemon's CPU per message. This module maps the ring the
-way libbpf does and takes the records with a slice each.
+5 % of the daemon's CPU at 10,000 requests/s in a py-spy profile, 2 % read here. This module
+maps the ring as libbpf does (but its data area once) and takes each record with a slice.
 
 Layout (kernel/bpf/ringbuf.c; libbpf's ringbuf.c reads it the same way):
 
