@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import mmap
 import os
 import platform
 import re
@@ -145,8 +146,24 @@ def check_ringbuf() -> Check:
             f"BPF_MAP_TYPE_RINGBUF create failed: {os.strerror(err)}",
             "needs Linux 5.8+ and privileges (root or CAP_BPF)",
         )
-    os.close(fd)
-    return Check("ring buffer", True, "BPF_MAP_TYPE_RINGBUF can be created")
+    try:
+        how = _read_in_place(fd)
+    finally:
+        os.close(fd)
+    return Check("ring buffer", True, f"BPF_MAP_TYPE_RINGBUF can be created; {how}")
+
+
+def _read_in_place(fd: int) -> str:
+    """How the daemon will read its ring: mapped in place, or through libbpf (slower)."""
+    from hopwatch.capture._ring import Ring, in_place_supported
+
+    if not in_place_supported():
+        return "the daemon reads it through libbpf (this CPU needs barriers to read it in place)"
+    try:
+        Ring(fd, mmap.PAGESIZE).close()
+    except (OSError, ValueError) as exc:
+        return f"mapping it failed ({exc}): the daemon reads it through libbpf (slower)"
+    return "the daemon reads it in place (mmap)"
 
 
 def check_libssl() -> Check:
