@@ -317,7 +317,11 @@ class _Process:
 
 
 def _contexts(v: Verdict) -> tuple[TraceContext, ...]:
-    return tuple(c for c in (v.w3c, v.b3) if c is not None)
+    # Once per inbound request: spelled out (a generator costs a frame and an iterator).
+    w3c, b3 = v.w3c, v.b3
+    if w3c is None:
+        return () if b3 is None else (b3,)
+    return (w3c,) if b3 is None else (w3c, b3)
 
 
 def _origin_path(path: str | None) -> str | None:
@@ -496,19 +500,21 @@ class HopAnalyzer:
                 malformed[f.header] = frozenset(self._hash(x) for x in self._values(obs, f.header))
             elif f.kind == _OVERSIZED and f.header not in oversized:
                 oversized.append(f.header)
+        if malformed:
+            malformed = {h: s for h, s in malformed.items() if s}
         proc.seq += 1
-        inbound = _Inbound(
-            seq=proc.seq,
-            fd=obs.fd,
-            stream_id=msg.stream_id,
-            tid=obs.tid,
-            ts_ns=obs.ts_ns,
-            method=msg.method,
-            path=_origin_path(msg.path),
-            context=v.context,
-            contexts=_contexts(v),
-            malformed={h: s for h, s in malformed.items() if s},
-            oversized=tuple(oversized),
+        inbound = _Inbound(  # positional (once per inbound request): the fields in order
+            proc.seq,
+            obs.fd,
+            msg.stream_id,
+            obs.tid,
+            obs.ts_ns,
+            msg.method,
+            _origin_path(msg.path),
+            v.context,
+            _contexts(v),
+            malformed,
+            tuple(oversized),
         )
         while len(proc.open) >= self.max_open:
             proc.open.popitem(last=False)
@@ -566,7 +572,11 @@ class HopAnalyzer:
         dest = destination_of(obs, tunnel)
         self._leak(obs, dest, seen)
 
-        oversized = tuple(dict.fromkeys(f.header for f in v.findings if f.kind == _OVERSIZED))
+        oversized = (
+            tuple(dict.fromkeys(f.header for f in v.findings if f.kind == _OVERSIZED))
+            if v.findings
+            else ()
+        )
         if oversized or msg.stream_id is None or msg.method == "CONNECT":
             proc = self._proc(obs.tgid, create=True)
             assert proc is not None
