@@ -630,6 +630,27 @@ def test_destination_helpers() -> None:
     assert is_allowed(allow("192.0.2.0/24").egress_allow, proxied) is True
 
 
+def test_direct_destinations_are_kept_per_authority_server_name_and_peer() -> None:
+    """destination_of keeps direct destinations; each part of the key still tells them apart."""
+    a = SockAddr(socket.AF_INET, "10.0.0.9", 8080)
+    b = SockAddr(socket.AF_INET, "10.0.0.9", 8081)
+
+    def dest(authority: str | None, peer: SockAddr, sni: str | None = None) -> Destination:
+        obs = _obs("outbound", request((), authority=authority), peer=peer)
+        obs.sni = sni
+        return destination_of(obs)
+
+    first = dest("users", a)
+    assert dest("users", a) is first  # the same connection's next request: kept
+    assert first == Destination("direct", "users", 8080, ip="10.0.0.9", ip_port=8080,
+                                port_named=False)
+    assert dest("users", b) == Destination("direct", "users", 8081, ip="10.0.0.9",
+                                           ip_port=8081, port_named=False)
+    assert dest("users:9000", a).port == 9000
+    assert dest(None, a) == Destination("direct", None, None, ip="10.0.0.9", ip_port=8080)
+    assert dest("users", a, sni="api.partner.example").host == "api.partner.example"
+
+
 def test_response_leak_to_client_outside_allowlist() -> None:
     rig = Rig()  # defaults: loopback and private ranges
     echo = (("traceparent", TP_A), ("baggage", BAGGAGE), ("b3", B3_A))

@@ -62,6 +62,7 @@ from hopwatch.capture._types import (
     ConnClosed,
     ConnOpened,
     ProcessExited,
+    SockAddr,
 )
 from hopwatch.config import Config, EgressRule
 from hopwatch.metrics import Metrics
@@ -223,16 +224,35 @@ def destination_of(obs: Observation, tunnel: Destination | None = None) -> Desti
     absolute = _absolute_target(msg.path)
     if absolute is not None:
         return Destination("proxy", absolute[0], absolute[1])
+    # Direct: a function of (authority, server name, peer), the same for every request on a
+    # connection; kept (a Destination is immutable), bounded like the authority cache.
     peer = obs.peer
+    key = (
+        (msg.authority, obs.sni, peer.host, peer.port)
+        if peer is not None
+        else (msg.authority, obs.sni, None, None)
+    )
+    dest = _DIRECT.get(key)
+    if dest is None:
+        if len(_DIRECT) >= 4096:
+            _DIRECT.clear()
+        dest = _DIRECT[key] = _direct(msg.authority, obs.sni, peer)
+    return dest
+
+
+_DIRECT: dict[tuple[str | None, str | None, str | None, int | None], Destination] = {}
+
+
+def _direct(authority: str | None, sni: str | None, peer: SockAddr | None) -> Destination:
     host: str | None = None
     port: int | None = None
     named = True
-    if msg.authority:
-        host, port = _split_authority(msg.authority)
-    if obs.sni and host != obs.sni and not _is_ip(obs.sni):
+    if authority:
+        host, port = _split_authority(authority)
+    if sni and host != sni and not _is_ip(sni):
         # TLS: the name the client asked the handshake for beats what the request says.
-        host, port = obs.sni, None
-    if (msg.authority or host) and port is None and peer is not None:
+        host, port = sni, None
+    if (authority or host) and port is None and peer is not None:
         port, named = peer.port, False  # the port the request really went to
     return Destination(
         "direct",
