@@ -24,6 +24,13 @@ space back to the kernel.
 Ordering: the producer commits with a store-release of the header; this reader loads the
 header, then the bytes. x86-64 keeps loads in order, so that is sound there; elsewhere
 :func:`in_place_supported` is false and the caller uses libbpf's reader.
+
+Tearing: the positions are read and the consumer position written as whole 8-byte words
+(a native ``memoryview`` cast: one aligned load or store each), never byte by byte as
+``struct``'s ``"<Q"`` does. A consumer position written a byte at a time passes through
+values far behind the real one when a carry crosses a byte (0x00ffff10 on the way from
+0x00fffff8 to 0x01000010): a producer reading it then sees a full ring and drops its
+record. That cost tens of records per minute at 10,000 requests/s before it was found.
 """
 
 from __future__ import annotations
@@ -31,12 +38,9 @@ from __future__ import annotations
 import mmap
 import platform
 import select
-import struct
 
 __all__ = ["Ring", "in_place_supported"]
 
-_U64 = struct.Struct("<Q")
-_U32 = struct.Struct("<I")
 _BUSY = 1 << 31
 _DISCARD = 1 << 30
 _LEN = _DISCARD - 1
@@ -66,6 +70,11 @@ class Ring:
             self._data = mmap.mmap(
                 map_fd, page + size, mmap.MAP_SHARED, mmap.PROT_READ, offset=page
             )
+            # Whole words (see "Tearing"): [0] of each is the consumer / producer position;
+            # a record header at byte `off` of the data mapping is self._heads[off >> 2].
+            self._cons_pos = memoryview(self._cons).cast("Q")
+            self._prod_pos = memoryview(self._data).cast("Q")
+            self._heads = memoryview(self._data).cast("I")
             self._epoll = select.epoll(1)
             self._epoll.register(map_fd, select.EPOLLIN)
         except BaseException:
@@ -73,14 +82,17 @@ class Ring:
             raise
 
     def close(self) -> None:
-        for name in ("_epoll", "_data", "_cons"):
+        # The views first: a mapping with views on it cannot be closed.
+        for name in ("_cons_pos", "_prod_pos", "_heads", "_epoll", "_data", "_cons"):
             obj = self.__dict__.pop(name, None)
-            if obj is not None:
+            if isinstance(obj, memoryview):
+                obj.release()
+            elif obj is not None:
                 obj.close()
 
     def pending(self) -> int:
         """Bytes committed or reserved and not read yet."""
-        return _U64.unpack_from(self._data)[0] - _U64.unpack_from(self._cons)[0]
+        return int(self._prod_pos[0] - self._cons_pos[0])
 
     def wait(self, timeout_ms: int) -> None:
         """Sleep until the kernel wakes readers (or ``timeout_ms`` passes)."""
@@ -90,15 +102,16 @@ class Ring:
         """Up to ``limit`` records, oldest first; the rest stay in the ring."""
         out: list[bytes] = []
         data = self._data
+        heads = self._heads
+        prod_pos = self._prod_pos
         base = self._base
         end = self._end
         mask = self._mask
-        u32 = _U32.unpack_from
-        cons = start = _U64.unpack_from(self._cons)[0]
-        prod = _U64.unpack_from(data)[0]
+        cons = start = self._cons_pos[0]
+        prod = prod_pos[0]
         while cons < prod and len(out) < limit:
             off = base + (cons & mask)
-            head = u32(data, off)[0]
+            head = heads[off >> 2]
             if head & _BUSY:
                 break  # reserved, not committed yet: later records wait behind it
             n = head & _LEN
@@ -111,7 +124,7 @@ class Ring:
                     self.wrapped += 1
             cons += (n + _HDR + 7) & ~7
             if cons >= prod:
-                prod = _U64.unpack_from(data)[0]
+                prod = prod_pos[0]
         if cons != start:
-            _U64.pack_into(self._cons, 0, cons)
+            self._cons_pos[0] = cons  # one 8-byte store
         return out
