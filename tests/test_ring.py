@@ -11,7 +11,9 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -41,6 +43,7 @@ class FakeProducer:
     bytes, the next record 8-byte aligned; the data area wraps at SIZE."""
 
     def __init__(self, fd: int) -> None:
+        self.fd = fd
         self.mem = mmap.mmap(fd, 2 * PAGE + SIZE)
         self.prod = 0
 
@@ -144,3 +147,59 @@ def test_a_record_running_past_the_end_is_joined(
 def test_size_must_be_a_power_of_two() -> None:
     with pytest.raises(ValueError, match="power of two"):
         Ring(-1, 3 * PAGE)
+
+
+# A reader in another process, in C: loads the consumer position as one 8-byte word in a
+# loop (as the kernel's producer does) and fails if it ever goes backwards.
+_WATCHER = r"""
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/mman.h>
+int main(int argc, char **argv) {
+    int fd = atoi(argv[1]);
+    uint64_t stop_at = strtoull(argv[2], 0, 10);
+    volatile uint64_t *cons = mmap(0, 4096, PROT_READ, MAP_SHARED, fd, 0);
+    if (cons == MAP_FAILED) return 2;
+    uint64_t last = *cons, loads = 0;
+    puts("ready");
+    fflush(stdout);
+    while (last < stop_at) {
+        uint64_t now = *cons;
+        loads++;
+        if (now < last) {
+            printf("went back from %llu to %llu\n", (unsigned long long)last,
+                   (unsigned long long)now);
+            return 1;
+        }
+        last = now;
+    }
+    printf("ok %llu loads\n", (unsigned long long)loads);
+    return 0;
+}
+"""
+
+
+def test_the_consumer_position_is_never_seen_half_written(
+    ring: tuple[Ring, FakeProducer], tmp_path: Path
+) -> None:
+    """Another CPU reading the consumer position while it is advanced across byte carries
+    (every 256 bytes) never sees it go backwards: one 8-byte store, not eight 1-byte ones."""
+    r, p = ring
+    src = tmp_path / "watch.c"
+    src.write_text(_WATCHER)
+    exe = tmp_path / "watch"
+    subprocess.run(["gcc", "-O2", "-o", str(exe), str(src)], check=True)
+    rounds = 40_000  # 8-byte records: a carry into the second byte every 32 of them
+    stop_at = rounds * 8
+    fd = p.fd  # the memfd: the consumer page is its first page
+    watcher = subprocess.Popen(
+        [str(exe), str(fd), str(stop_at)], pass_fds=(fd,), stdout=subprocess.PIPE, text=True
+    )
+    assert watcher.stdout is not None and watcher.stdout.readline().strip() == "ready"
+    for _ in range(rounds):
+        p.put(b"")
+        assert r.read(1) == [b""]
+    out, _ = watcher.communicate(timeout=30)
+    assert watcher.returncode == 0, out
+    assert p.consumer == stop_at
