@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from hopwatch.scheduling import IdleScheduling, budget_pause
+from hopwatch.config import Config
+from hopwatch.scheduling import IdleScheduling, Overload, budget_pause
+from hopwatch.server import Daemon as ServerDaemon
 from tests.helpers import Daemon
 
 
@@ -128,3 +130,106 @@ def test_scheduling_normal_starts_no_guard(tmp_path: Path) -> None:
 )
 def test_budget_pause(used: float, percent: int, pause: float) -> None:
     assert budget_pause(used, percent) == pytest.approx(pause)
+
+
+def test_overload_needs_arrivals_beyond_twice_what_the_loop_takes() -> None:
+    o = Overload(factor=2.0, window_s=0.5)
+    assert not o.update(0.0, read=0, shed=0, cpu_s=0.0)  # the baseline
+    # Within a window nothing is decided.
+    assert not o.update(0.2, read=10_000, shed=500_000, cpu_s=0.2)
+    # Keeping up: 20,000 records/s read in 0.5 s of CPU per s -> 40,000 per CPU second.
+    assert not o.update(1.0, read=20_000, shed=0, cpu_s=0.5)
+    assert o.capacity == pytest.approx(40_000) and o.arrivals == pytest.approx(20_000)
+    # Shedding, but only a little beyond a whole CPU's worth (70,000/s < 2 x 40,000): a loop
+    # just behind must keep running at full speed to catch up.
+    assert not o.update(2.0, read=60_000, shed=30_000, cpu_s=1.5)
+    assert o.arrivals == pytest.approx(70_000)
+    # Far beyond: 10,000 read + 500,000 shed in a second.
+    assert o.update(3.0, read=70_000, shed=530_000, cpu_s=1.75)
+    assert o.capacity == pytest.approx(40_000)
+    # The traffic drops: the loop reads 30,000 in 0.75 s of CPU and nothing is shed.
+    assert not o.update(4.0, read=100_000, shed=530_000, cpu_s=2.5)
+
+
+def test_overload_is_never_declared_before_the_loop_was_timed() -> None:
+    o = Overload(factor=2.0, window_s=0.5)
+    o.update(0.0, read=0, shed=0, cpu_s=0.0)
+    # A starved loop (no CPU at all) under a flood: its speed is unknown, nothing declared.
+    assert not o.update(1.0, read=0, shed=1_000_000, cpu_s=0.0)
+    assert not o.update(2.0, read=5, shed=2_000_000, cpu_s=0.001)
+    assert o.capacity == 0
+    # Timed once (10,000 records in 0.25 s: 40,000/s), the flood counts.
+    assert o.update(3.0, read=10_005, shed=3_000_000, cpu_s=0.251)
+
+
+class _Flood:
+    """A capture under a steady overload, without a kernel: each poll the loop 'analyses'
+    ``read`` records (burning ``cpu_s`` of CPU for them) while ``shed`` syscalls pass
+    uncopied."""
+
+    def __init__(self, read: int, shed: int, cpu_s: float) -> None:
+        self.read, self.shed, self.cpu_s = read, shed, cpu_s
+        self.records_read = 0
+        self.shed_syscalls = 0
+        self.ring_full_at = -1e9
+        self.polls = 0
+
+    def poll(self, timeout_ms: int) -> list[object]:
+        end = time.thread_time() + self.cpu_s
+        while time.thread_time() < end:
+            pass
+        self.records_read += self.read
+        self.shed_syscalls += self.shed
+        self.ring_full_at = time.monotonic()
+        self.polls += 1
+        return []
+
+    def lifecycle_backlog(self) -> int:
+        return 0
+
+
+class _Sink:
+    def handle(self, ev: object) -> None:
+        raise AssertionError("no events expected")
+
+    handle_event = handle
+
+
+def _run_loop(flood: _Flood, seconds: float) -> ServerDaemon:
+    d = ServerDaemon(Config())
+    d.capture, d.pipeline, d.hops = flood, _Sink(), _Sink()  # type: ignore[assignment]
+
+    def body() -> None:
+        assert d.scheduling.start()
+        threading.Timer(seconds, d.stop).start()
+        try:
+            d.loop()
+        finally:
+            d.scheduling.stop()
+
+    _in_thread(body)
+    return d
+
+
+def test_loop_far_beyond_its_capacity_keeps_to_the_cpu_budget() -> None:
+    # 400 records per 10 ms of CPU (40,000 per CPU second) while 20,000 syscalls are shed
+    # per poll: the traffic is ~50 times what the loop could take.
+    flood = _Flood(read=400, shed=20_000, cpu_s=0.01)
+    d = _run_loop(flood, 1.5)
+    assert d.scheduling.yields >= 1  # shedding: it yielded
+    assert d.overload.active and d.overload.capacity == pytest.approx(40_000, rel=0.3)
+    # The default budget (5 % of a CPU): 10 ms of work, then 190 ms asleep.
+    assert d.config.capture.shed_cpu_percent == 5
+    assert d.shed_pause_s >= 0.5
+    assert flood.polls < 40  # uncapped it would poll ~150 times in 1.5 s
+
+
+def test_loop_just_behind_runs_uncapped_to_catch_up() -> None:
+    # The kernel sheds a little (200 per 400 read): arrivals are 1.5 times what the loop
+    # takes, under twice: no budget, it yields (SCHED_IDLE) but never pauses.
+    flood = _Flood(read=400, shed=200, cpu_s=0.01)
+    d = _run_loop(flood, 1.5)
+    assert d.scheduling.yields >= 1
+    assert not d.overload.active and d.overload.arrivals > d.overload.capacity
+    assert d.shed_pause_s == 0
+    assert flood.polls > 60

@@ -198,10 +198,11 @@ class CaptureSettings:
     # SCHED_IDLE (only CPU no workload wants; lifted when it starves). "normal": always an
     # ordinary thread.
     scheduling: str = "idle"
-    # While yielding (the capture sheds), the loop also sleeps so as to use at most this
-    # percentage of one CPU (100: no cap); what it leaves unread is shed and counted. A cap
-    # also slows the recovery from a moderate overload: off by default.
-    shed_cpu_percent: int = 100
+    # While the capture sheds AND the traffic arrives at more than twice what the loop can
+    # analyse on a whole CPU (it can only see a sample then), the loop also sleeps so as to
+    # use at most this percentage of one CPU (100: no cap); what it leaves unread is shed and
+    # counted. Below twice its capacity it runs uncapped and catches up.
+    shed_cpu_percent: int = 5
 
 
 SCHEDULING = ("idle", "normal")

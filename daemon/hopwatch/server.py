@@ -25,7 +25,7 @@ from hopwatch.conntrack import ConnectionTable
 from hopwatch.hops import FindingSink, HopAnalyzer, HopFinding
 from hopwatch.metrics import KernelStatsCollector, Metrics
 from hopwatch.pipeline import Observer, Pipeline
-from hopwatch.scheduling import IdleScheduling, budget_pause
+from hopwatch.scheduling import IdleScheduling, Overload, budget_pause
 from hopwatch.sdnotify import Notifier
 
 __all__ = ["Daemon", "StartupError"]
@@ -106,8 +106,14 @@ _STATS_DOCS: dict[str, tuple[str, str, str | None]] = {
     ),
     "capture_shed_pause_seconds_total": (
         "counter",
-        "Seconds the yielding analysis loop paused to stay within [capture] shed_cpu_percent "
-        "while the capture shed.",
+        "Seconds the analysis loop paused to stay within [capture] shed_cpu_percent while "
+        "overloaded.",
+        None,
+    ),
+    "capture_overloaded": (
+        "gauge",
+        "1 while the kernel sheds and the traffic arrives at more than twice what the analysis "
+        "loop can take on one CPU: it analyses a sample, within [capture] shed_cpu_percent.",
         None,
     ),
     "capture_scheduling_idle": (
@@ -195,6 +201,7 @@ class Daemon:
         self._stop = threading.Event()
         self.scheduling = IdleScheduling()
         self.shed_pause_s = 0.0  # paused to keep the CPU budget while shedding
+        self.overload = Overload()
         self._reload = False
         self._http: Any = None
         self.notifier = Notifier()
@@ -320,6 +327,7 @@ class Daemon:
         out["capture_scheduling_boosts_total"] = self.scheduling.boosts
         out["capture_scheduling_idle"] = int(self.scheduling.idle)
         out["capture_shed_pause_seconds_total"] = self.shed_pause_s
+        out["capture_overloaded"] = int(self.overload.active)
         out["connections_tracked"] = len(self.conns)
         out["connections_total"] = dict(self.conns.counters())
         if self.hops is not None:
@@ -347,6 +355,7 @@ class Daemon:
         assert self.capture is not None and self.pipeline is not None
         cap = self.config.capture
         timeout = cap.poll_timeout_ms
+        overload = self.overload
         last_evict = time.monotonic()
         while not self._stop.is_set():
             if self._reload:
@@ -354,10 +363,15 @@ class Daemon:
                 self.reload()
             cpu0 = time.thread_time()
             self.process(self.capture.poll(timeout))
-            if self.scheduling.idle:
-                # Shedding and yielding: also cap the loop's CPU (what stays in the ring is
-                # shed by the kernel and counted); SIGTERM ends the pause.
-                pause = budget_pause(time.thread_time() - cpu0, cap.shed_cpu_percent)
+            polled, cpu1 = time.monotonic(), time.thread_time()
+            overloaded = overload.update(
+                polled, self.capture.records_read, self.capture.shed_syscalls, cpu1
+            )
+            if self.scheduling.idle and overloaded:
+                # Shedding, yielding, and the traffic far beyond the loop: also cap its CPU
+                # (what stays in the ring is shed by the kernel and counted); SIGTERM ends
+                # the pause.
+                pause = budget_pause(cpu1 - cpu0, cap.shed_cpu_percent)
                 if pause:
                     self.shed_pause_s += pause
                     self._stop.wait(pause)
@@ -366,7 +380,8 @@ class Daemon:
             if self.scheduling.active:
                 # Yield the CPU while the capture sheds (the node is saturated: competing
                 # would slow the workloads and see no more), unless connection events queue.
-                shedding = time.monotonic() - self.capture.ring_full_at < _SHEDDING_S
+                # As of the poll, not of now: a pause would make any shedding look over.
+                shedding = polled - self.capture.ring_full_at < _SHEDDING_S
                 self.scheduling.beat(
                     yield_cpu=shedding and self.capture.lifecycle_backlog() < _URGENT_BACKLOG
                 )

@@ -406,6 +406,7 @@ class LiveCapture:
         self._batch = max(1, self.config.batch_records)
         self._behind = False  # the last poll stopped at the batch bound
         self._lifecycle_read = 0  # records other than data read from the ring
+        self.records_read = 0  # records taken from the ring, all kinds
         self.ring_full_at = -1e9  # time.monotonic() when a poll last saw ring_full grow
         self._comms: dict[bytes, str] = {}  # raw comm field -> name (bounded)
         self._slots: collections.deque[CaptureEvent | _Pending] = collections.deque()
@@ -447,6 +448,12 @@ class LiveCapture:
     def behind(self) -> bool:
         """The last poll stopped at ``batch_records``: more records wait in the ring."""
         return self._behind
+
+    @property
+    def shed_syscalls(self) -> int:
+        """Syscalls the kernel let pass uncopied because the ring was full, as of the last
+        poll (``events_lost_total{reason="ring_full"}``)."""
+        return self._lost_seen["ring_full"]
 
     def lifecycle_backlog(self) -> int:
         """Open/close/exit/TLS records the kernel submitted that are not read yet.
@@ -871,6 +878,7 @@ class LiveCapture:
     def _drain(self) -> list[CaptureEvent]:
         """Decode the records read so far; return the events completed, in ring order."""
         raw, self._raw = self._raw, []
+        self.records_read += len(raw)
         for rec in raw:
             self._record(rec)
         self._flush_stale()
