@@ -232,4 +232,4 @@ def test_loop_just_behind_runs_uncapped_to_catch_up() -> None:
     assert d.scheduling.yields >= 1
     assert not d.overload.active and d.overload.arrivals > d.overload.capacity
     assert d.shed_pause_s == 0
-    assert flood.polls > 60
+    assert flood.polls > 45  # ~150 with a CPU to itself; capped, < 40 (above)

@@ -21,8 +21,9 @@ loop goes back to idle after that iteration if it still sheds. Each iteration is
 
 Yielding is not enough when the traffic is far beyond what the loop can analyse (a node
 saturated by cheap requests): an idle loop still takes every CPU moment the workloads leave
-free, and on this kind of VM that costs them throughput (measured: ~15 % against nginx
-``return 200`` with the loop SCHED_IDLE, ~4 % with it stopped). :class:`Overload` tells that
+free, and on this kind of VM that costs them throughput (wrk against nginx ``return 200``,
+one interleaved run: 0.82 of the throughput without hopwatch with the loop SCHED_IDLE, 0.95
+with it stopped, which leaves only the kernel's share). :class:`Overload` tells that
 case apart: the data syscalls arriving (those read plus those shed) against the records the
 loop analyses per CPU second. While they arrive at more than ``factor`` times what one full
 CPU of the loop could take, the loop would see only a sample anyway, so it keeps to a CPU
