@@ -278,13 +278,15 @@ def test_pipeline_applies_the_process_filter_and_tells_the_kernel() -> None:
         def __init__(self) -> None:
             self.ignored: list[tuple[int, int]] = []
 
-        def ignore(self, tgid: int, fd: int) -> None:
+        def ignore(self, tgid: int, fd: int, *, as_of_ns: int | None = None) -> None:
             self.ignored.append((tgid, fd))
 
         def adopt(self, tgid: int, fd: int, role: str) -> bool:
             return True
 
-        def set_skip_until(self, tgid: int, fd: int, direction: object, offset: int) -> bool:
+        def set_skip_until(
+            self, tgid: int, fd: int, direction: object, offset: int, **kw: object
+        ) -> bool:
             return True
 
     cfg = parse_config('[processes]\nexclude = ["noisy*"]\n')

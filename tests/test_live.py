@@ -476,6 +476,50 @@ def test_one_byte_writes_and_pipelining(daemon: Daemon, tmp_path: Path) -> None:
     assert counts(delta, "t_awksrv") == exchange("c", "s", "http1", 4, 0)["s"]
 
 
+FD_REUSE = r"""
+import socket, sys, time
+port, rounds = int(sys.argv[1]), int(sys.argv[2])
+req = b"GET %s HTTP/1.1\r\nHost: x\r\ntraceparent: " + sys.argv[3].encode() + b"\r\n\r\n"
+for _ in range(rounds):
+    a = socket.create_connection(("127.0.0.1", port))
+    a.sendall(req % b"/big")
+    got = b""
+    while b"\r\n\r\n" not in got or len(got) < 4096:
+        got += a.recv(4096)
+    fd = a.fileno()
+    a.close()  # most of the 64 KiB body unread
+    b = socket.create_connection(("127.0.0.1", port))
+    assert b.fileno() == fd  # the same descriptor, a new connection
+    time.sleep(0.3)  # the daemon reads A's records now, while B holds the fd
+    b.sendall(req % b"/small")
+    f = b.makefile("rb")
+    assert f.readline().startswith(b"HTTP/1.1 200")
+    while f.readline() != b"\r\n":
+        pass
+    assert f.read(3) == b"ok\n"
+    b.close()
+"""
+
+
+def test_body_skip_of_a_closed_connection_never_reaches_the_next_on_its_fd(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    # A reads a response head and part of a 64 KiB body, then closes; B opens on the same
+    # fd before the daemon has read A's records. The daemon asks the kernel to skip the
+    # rest of A's body: that must not land on B (it skipped B's response once).
+    port = free_port()
+    srv = named(tmp_path, "t_reusesrv", SYSTEM_PYTHON)
+    cli = named(tmp_path, "t_reusecli", SYSTEM_PYTHON)
+    rounds = 5
+    with server([srv, str(PEERS / "h1_server.py"), "127.0.0.1", str(port)], port):
+        delta = traffic(daemon, lambda: run([cli, "-c", FD_REUSE, str(port), str(rounds), TP]))
+    assert counts(delta, "t_reusecli") == {
+        ("outbound", "request", "http1", "w3c"): 2 * rounds,
+        ("inbound", "response", "http1", "none"): 2 * rounds,
+    }
+    assert delta.total("hopwatch_stream_desyncs_total") == 0
+
+
 def test_client_killed_mid_request(daemon: Daemon, tmp_path: Path) -> None:
     port = free_port()
     srv = named(tmp_path, "t_killsrv", SYSTEM_PYTHON)

@@ -52,12 +52,21 @@ _EXCLUDED = "excluded"
 class CaptureControl(Protocol):
     """What the pipeline may ask of a live capture (pcap replay passes None)."""
 
-    def ignore(self, tgid: int, fd: int) -> None: ...
+    # ``as_of_ns``: the time of the record the decision comes from; a connection that took
+    # the same fd after it (the reader lags behind the kernel) must be left alone.
+    def ignore(self, tgid: int, fd: int, *, as_of_ns: int | None = None) -> None: ...
 
     def adopt(self, tgid: int, fd: int, role: str) -> bool: ...
 
     def set_skip_until(
-        self, tgid: int, fd: int, direction: Direction, offset: int, *, tls: bool = False
+        self,
+        tgid: int,
+        fd: int,
+        direction: Direction,
+        offset: int,
+        *,
+        tls: bool = False,
+        as_of_ns: int | None = None,
     ) -> bool: ...
 
 
@@ -181,7 +190,7 @@ class Pipeline:
         conn = self.conns.get_or_adopt(ev.tgid, ev.fd, ev.ts_ns, role=hint)
         if conn is None:
             self.metrics.unknown_fd.inc()
-            self.control.ignore(ev.tgid, ev.fd)
+            self.control.ignore(ev.tgid, ev.fd, as_of_ns=ev.ts_ns)
             return
         if ev.role_hint in ("client", "server"):
             conn.role = ev.role_hint  # what it wrote beats the listening-port guess
@@ -228,7 +237,7 @@ class Pipeline:
                 # copying the connection (its syscalls count as "ignored").
                 conn.state = _EXCLUDED
                 if self.control is not None:
-                    self.control.ignore(chunk.tgid, chunk.fd)
+                    self.control.ignore(chunk.tgid, chunk.fd, as_of_ns=chunk.ts_ns)
                 return
             state = conn.state = _ConnState(chunk.tls)
         elif not isinstance(state, _ConnState):
@@ -272,16 +281,19 @@ class Pipeline:
         if parser.done:
             if parser.not_http:
                 m.not_http.inc()
-            control.ignore(chunk.tgid, chunk.fd)
+            control.ignore(chunk.tgid, chunk.fd, as_of_ns=chunk.ts_ns)
             return
         hint = parser.skip_hint(origin)
         if hint >= SKIP_MIN_BYTES:
             # Body bytes the parser does not need: the kernel stops copying them.
-            end = chunk.offset + chunk.total_len
-            if chunk.tls:
-                control.set_skip_until(chunk.tgid, chunk.fd, chunk.direction, end + hint, tls=True)
-            else:
-                control.set_skip_until(chunk.tgid, chunk.fd, chunk.direction, end + hint)
+            control.set_skip_until(
+                chunk.tgid,
+                chunk.fd,
+                chunk.direction,
+                chunk.offset + chunk.total_len + hint,
+                tls=chunk.tls,
+                as_of_ns=chunk.ts_ns,
+            )
 
     # -- parser events -> observations ------------------------------------------------
     def _emit(

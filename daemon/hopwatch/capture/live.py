@@ -75,6 +75,10 @@ BPF_SOURCE = _find_source()
 # --- ABI shared with bpf/capture.c (sizes checked by _Static_assert at compile time) -------
 
 EV_DATA, EV_OPEN, EV_CLOSE, EV_EXIT, EV_UNKNOWN_FD = 1, 2, 3, 4, 5
+# A connection's cookie: the kernel's clock (bpf_ktime_get_ns, CLOCK_MONOTONIC) when it was
+# opened; with the top bit set, when the daemon adopted it.
+_ADOPTED = 1 << 63
+_COOKIE_TIME = _ADOPTED - 1
 EV_TLS_BIND, EV_TLS_SNI, EV_EXEC = 6, 7, 8
 TLS_NAME_LEN = 256
 DF_FIRST, DF_LAST, DF_NODATA = 1, 2, 4
@@ -423,7 +427,7 @@ class LiveCapture:
         self._pid_filter: dict[int, int] = {}
         self._cg_filter: dict[int, int] = {}
         self._ports: set[int] = set()
-        self._next_cookie = 1 << 63
+        self._next_cookie = _ADOPTED
         # TLS: (tgid, ssl) -> fd, server name waiting for the socket, held plaintext
         self._tls_fd: dict[tuple[int, int], int] = {}
         self._tls_sni: dict[tuple[int, int], str] = {}
@@ -753,7 +757,7 @@ class LiveCapture:
         self._ports = set(ports)
         self._write_cfg()
 
-    def _ctl_for(self, tgid: int, fd: int) -> CtlVal | None:
+    def _ctl_for(self, tgid: int, fd: int, as_of_ns: int | None) -> CtlVal | None:
         ctl = self._ctl.get((tgid, fd))
         if ctl is not None:
             return ctl
@@ -766,19 +770,33 @@ class LiveCapture:
             val = self._require()[b"conns"][ConnKey(tgid, fd)]
         except KeyError:
             return None
+        # The map holds the fd's connection as of NOW; the reader may still be on records of
+        # an earlier connection that had this fd (closed, the fd reused, its close not read
+        # yet). The cookie is the time the connection was opened (or adopted): one opened
+        # after the record being acted on is not that record's connection.
+        if as_of_ns is not None and val.cookie & _COOKIE_TIME > as_of_ns:
+            return None
         ctl = self._ctl[(tgid, fd)] = CtlVal(cookie=val.cookie)
         return ctl
 
     def set_skip_until(
-        self, tgid: int, fd: int, direction: Direction, offset: int, *, tls: bool = False
+        self,
+        tgid: int,
+        fd: int,
+        direction: Direction,
+        offset: int,
+        *,
+        tls: bool = False,
+        as_of_ns: int | None = None,
     ) -> bool:
         """Do not copy bytes of this direction below absolute ``offset``.
 
         Offsets are those of :attr:`DataChunk.offset`; ``tls`` selects the plaintext offsets
-        of a TLS connection. Returns False when the connection is unknown (closed, or never
-        seen).
+        of a TLS connection. ``as_of_ns``: the time of the record this follows from
+        (``DataChunk.ts_ns``); a connection that took the fd later is left alone. Returns
+        False when the connection is unknown (closed, or never seen) or not that one.
         """
-        ctl = self._ctl_for(tgid, fd)
+        ctl = self._ctl_for(tgid, fd, as_of_ns)
         if ctl is None:
             return False
         target = ctl.tls_skip_until if tls else ctl.skip_until
@@ -786,10 +804,11 @@ class LiveCapture:
         self._require()[b"ctl"][ConnKey(tgid, fd)] = ctl
         return True
 
-    def ignore(self, tgid: int, fd: int) -> None:
-        """Stop copying this fd (tracked or not) and stop unknown-fd notices for it."""
+    def ignore(self, tgid: int, fd: int, *, as_of_ns: int | None = None) -> None:
+        """Stop copying this fd (tracked or not) and stop unknown-fd notices for it.
+        ``as_of_ns`` as for :meth:`set_skip_until`."""
         bpf = self._require()
-        ctl = self._ctl_for(tgid, fd)
+        ctl = self._ctl_for(tgid, fd, as_of_ns)
         if ctl is not None:
             ctl.flags |= CTL_IGNORE
             bpf[b"ctl"][ConnKey(tgid, fd)] = ctl
@@ -805,8 +824,8 @@ class LiveCapture:
         from bcc.libbcc import lib
 
         bpf = self._require()
-        cookie = self._next_cookie
-        self._next_cookie += 1
+        # The adoption time, marked (see _ctl_for; the kernel's cookies are open times).
+        cookie = self._next_cookie = max(self._next_cookie + 1, _ADOPTED | time.monotonic_ns())
         val = ConnVal(cookie=cookie, port=0, role=ROLE_CODES.get(role, 0), family=0)
         val.d[0].sniff = SNIFF_RESYNC
         val.d[1].sniff = SNIFF_RESYNC
