@@ -75,11 +75,11 @@ BPF_SOURCE = _find_source()
 # --- ABI shared with bpf/capture.c (sizes checked by _Static_assert at compile time) -------
 
 EV_DATA, EV_OPEN, EV_CLOSE, EV_EXIT, EV_UNKNOWN_FD = 1, 2, 3, 4, 5
+EV_TLS_BIND, EV_TLS_SNI, EV_EXEC = 6, 7, 8
 # A connection's cookie: the kernel's clock (bpf_ktime_get_ns, CLOCK_MONOTONIC) when it was
 # opened; with the top bit set, when the daemon adopted it.
 _ADOPTED = 1 << 63
 _COOKIE_TIME = _ADOPTED - 1
-EV_TLS_BIND, EV_TLS_SNI, EV_EXEC = 6, 7, 8
 TLS_NAME_LEN = 256
 DF_FIRST, DF_LAST, DF_NODATA = 1, 2, 4
 ROLE_NAMES = {0: "", 1: "client", 2: "server"}
