@@ -125,7 +125,9 @@ class Daemon:
         return scrape(self.addr)
 
     def settle(self, timeout: float = 10.0, quiet: float = 0.5) -> Snapshot:
-        """Scrape until the capture counters stop moving for `quiet` seconds."""
+        """Scrape until the capture counters stop moving for `quiet` seconds. An overloaded
+        daemon pauses on purpose (up to 1 s, its CPU budget) with records still in the ring:
+        that is not settled."""
         deadline = time.monotonic() + timeout
         last = self.scrape()
         stable_since = time.monotonic()
@@ -133,7 +135,9 @@ class Daemon:
             time.sleep(0.1)
             now = self.scrape()
             key = ("hopwatch_capture_chunks_total", "hopwatch_http_messages_total")
-            if any(now.total(k) != last.total(k) for k in key):
+            if now.total("hopwatch_capture_overloaded") or any(
+                now.total(k) != last.total(k) for k in key
+            ):
                 stable_since = time.monotonic()
                 last = now
             elif time.monotonic() - stable_since >= quiet:
