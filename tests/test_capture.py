@@ -497,7 +497,8 @@ def test_skip_until(rec: Recorder, driven: Callable[[str], Driven]) -> None:
     head = b"POST /skip HTTP/1.1\r\nContent-Length: 1100\r\n\r\n"
     d.do(f"s.send({head!r})")
     rec.wait(lambda: len(rec.chunks(d.pid, Direction.SEND)) >= 1)
-    assert rec.cap.set_skip_until(d.pid, d.fd, Direction.SEND, len(head) + 1050)
+    as_of = rec.chunks(d.pid, Direction.SEND)[0].ts_ns  # as the pipeline asks: per record
+    assert rec.cap.set_skip_until(d.pid, d.fd, Direction.SEND, len(head) + 1050, as_of_ns=as_of)
     d.do("s.send(b'a' * 1000)")
     d.do("s.send(b'b' * 50 + b'c' * 50)")
     rec.wait(lambda: len(rec.chunks(d.pid, Direction.SEND)) >= 3)

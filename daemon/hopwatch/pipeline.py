@@ -54,7 +54,7 @@ class CaptureControl(Protocol):
 
     # ``as_of_ns``: the time of the record the decision comes from; a connection that took
     # the same fd after it (the reader lags behind the kernel) must be left alone.
-    def ignore(self, tgid: int, fd: int, *, as_of_ns: int | None = None) -> None: ...
+    def ignore(self, tgid: int, fd: int, *, as_of_ns: int) -> None: ...
 
     def adopt(self, tgid: int, fd: int, role: str) -> bool: ...
 
@@ -66,7 +66,7 @@ class CaptureControl(Protocol):
         offset: int,
         *,
         tls: bool = False,
-        as_of_ns: int | None = None,
+        as_of_ns: int,
     ) -> bool: ...
 
 

@@ -757,7 +757,7 @@ class LiveCapture:
         self._ports = set(ports)
         self._write_cfg()
 
-    def _ctl_for(self, tgid: int, fd: int, as_of_ns: int | None) -> CtlVal | None:
+    def _ctl_for(self, tgid: int, fd: int, as_of_ns: int) -> CtlVal | None:
         ctl = self._ctl.get((tgid, fd))
         if ctl is not None:
             return ctl
@@ -774,7 +774,7 @@ class LiveCapture:
         # an earlier connection that had this fd (closed, the fd reused, its close not read
         # yet). The cookie is the time the connection was opened (or adopted): one opened
         # after the record being acted on is not that record's connection.
-        if as_of_ns is not None and val.cookie & _COOKIE_TIME > as_of_ns:
+        if val.cookie & _COOKIE_TIME > as_of_ns:
             return None
         ctl = self._ctl[(tgid, fd)] = CtlVal(cookie=val.cookie)
         return ctl
@@ -787,7 +787,7 @@ class LiveCapture:
         offset: int,
         *,
         tls: bool = False,
-        as_of_ns: int | None = None,
+        as_of_ns: int,
     ) -> bool:
         """Do not copy bytes of this direction below absolute ``offset``.
 
@@ -804,7 +804,7 @@ class LiveCapture:
         self._require()[b"ctl"][ConnKey(tgid, fd)] = ctl
         return True
 
-    def ignore(self, tgid: int, fd: int, *, as_of_ns: int | None = None) -> None:
+    def ignore(self, tgid: int, fd: int, *, as_of_ns: int) -> None:
         """Stop copying this fd (tracked or not) and stop unknown-fd notices for it.
         ``as_of_ns`` as for :meth:`set_skip_until`."""
         bpf = self._require()
