@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 from hopwatch.propagation import HEADER_NAMES, Verdict, check_header
 
+from ._compat import SLOTS
+
 __all__ = ["CheckedLine", "UsageError", "check_lines", "parse_lines", "render_json", "render_table"]
 
 
@@ -29,7 +31,7 @@ class UsageError(ValueError):
     """The input is not a list of ``name: value`` lines."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, **SLOTS)
 class CheckedLine:
     header: str
     verdict: Verdict

@@ -259,7 +259,7 @@ def _table(head: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
     widths = [max(len(r[i]) for r in (head, *rows)) for i in range(len(head))]
     out = []
     for r in (head, *rows):
-        cells = (c.rjust(w) if c.isdigit() else c.ljust(w) for c, w in zip(r, widths, strict=True))
+        cells = (c.rjust(w) if c.isdigit() else c.ljust(w) for c, w in zip(r, widths))
         out.append(("  " + "  ".join(cells)).rstrip())
     return out
 

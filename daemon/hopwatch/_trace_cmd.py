@@ -39,6 +39,8 @@ from hopwatch.trace import (
     report_json,
 )
 
+from ._compat import SLOTS
+
 __all__ = ["CaptureSession", "Target", "UsageError", "parse_header", "parse_url", "run", "send"]
 
 log = logging.getLogger(__name__)
@@ -59,7 +61,7 @@ class UsageError(ValueError):
 # -- options --------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, **SLOTS)
 class Target:
     url: str
     tls: bool
@@ -187,7 +189,7 @@ def _send_http1(
 
 
 def _error_text(exc: BaseException) -> str:
-    if isinstance(exc, socket.timeout | TimeoutError):
+    if isinstance(exc, (socket.timeout, TimeoutError)):
         return "timed out"
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
@@ -293,7 +295,7 @@ def _h2_exchange(
             continue
         elif isinstance(frame, RstStreamFrame):
             raise _H2Error(f"stream reset (error code {frame.error_code})")
-        elif isinstance(frame, HeadersFrame | ContinuationFrame):
+        elif isinstance(frame, (HeadersFrame, ContinuationFrame)):
             pending.extend(frame.data)
             if "END_HEADERS" in frame.flags:
                 got = {_text(n): _text(v) for n, v in decoder.decode(bytes(pending))}

@@ -35,6 +35,8 @@ from typing import TYPE_CHECKING, Any
 
 from hopwatch.metrics import Metrics
 
+from ._compat import SLOTS
+
 if TYPE_CHECKING:
     from hopwatch.hops import HopFinding
     from hopwatch.pipeline import Observation
@@ -420,7 +422,7 @@ def read_audit_lines(
                 yield raw.decode("utf-8", "replace")
 
 
-@dataclass(slots=True)
+@dataclass(**SLOTS)
 class LeakRow:
     """One (destination, process, finding) of the report."""
 
@@ -451,7 +453,7 @@ class LeakRow:
         }
 
 
-@dataclass(slots=True)
+@dataclass(**SLOTS)
 class AuditReport:
     rows: list[LeakRow]
     other: dict[str, int]  # other findings: finding -> lines

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from typing import Optional
 
 import typer
 
@@ -11,13 +12,13 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
 @app.command()
 def run(
-    config: str | None = typer.Option(
+    config: Optional[str] = typer.Option(
         None, "--config", "-c", metavar="FILE", help="TOML configuration file."
     ),
-    metrics_addr: str | None = typer.Option(
+    metrics_addr: Optional[str] = typer.Option(
         None, "--metrics-addr", metavar="HOST:PORT", help="Serve /metrics here (127.0.0.1:9647)."
     ),
-    audit_log: str | None = typer.Option(
+    audit_log: Optional[str] = typer.Option(
         None, "--audit-log", metavar="FILE", help="Append findings as JSON lines to FILE."
     ),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning, error."),
@@ -38,7 +39,7 @@ def doctor() -> None:
 
 @app.command()
 def check(
-    lines: list[str] | None = typer.Argument(  # noqa: B008
+    lines: Optional[list[str]] = typer.Argument(  # noqa: B008
         None,
         metavar="HEADER_LINE",
         help="'name: value' header lines; read from stdin when none are given.",
@@ -111,7 +112,7 @@ def config_check(
 @app.command()
 def replay(
     path: str = typer.Argument(..., metavar="FILE", help="A pcap or pcapng capture."),
-    config: str | None = typer.Option(
+    config: Optional[str] = typer.Option(
         None, "--config", "-c", metavar="FILE", help="TOML configuration file."
     ),
     json_output: bool = typer.Option(
@@ -161,7 +162,7 @@ def trace(
     wait: float = typer.Option(
         3.0, "--wait", help="At most this many seconds after the response for hops to settle."
     ),
-    config: str | None = typer.Option(
+    config: Optional[str] = typer.Option(
         None, "--config", "-c", metavar="FILE", help="TOML configuration (egress allowlist)."
     ),
 ) -> None:

@@ -8,14 +8,20 @@ from __future__ import annotations
 import fnmatch
 import ipaddress
 import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import tomllib
-
 from hopwatch.propagation import SENSITIVE_DETECTORS, Limits
+
+from ._compat import SLOTS
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # PyPy 3.9
+    import tomli as tomllib
 
 __all__ = [
     "DEFAULT_ALLOW",
@@ -68,7 +74,7 @@ class ConfigError(ValueError):
         self.errors: tuple[ConfigError, ...] = errors or (self,)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, **SLOTS)
 class EgressRule:
     """One allowlist entry: a CIDR network or a hostname pattern, with an optional port."""
 
@@ -143,7 +149,7 @@ def _parse_port(text: str, entry: str) -> int:
     return int(text)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, **SLOTS)
 class ProcessFilter:
     """`[processes]`: which processes the pipeline looks at, by name.
 
@@ -184,7 +190,7 @@ DETECTOR_KEYS: dict[str, str] = {
 }
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, **SLOTS)
 class CaptureSettings:
     ring_buffer_bytes: int = 16 << 20
     max_copy_bytes: int = 262144  # per syscall; the rest is counted as truncated
@@ -208,7 +214,7 @@ class CaptureSettings:
 SCHEDULING = ("idle", "normal")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, **SLOTS)
 class Config:
     egress_allow: tuple[EgressRule, ...] = field(
         default_factory=lambda: tuple(EgressRule.parse(e) for e in DEFAULT_ALLOW)
@@ -451,7 +457,7 @@ def _from_mapping(data: Mapping[str, Any], *, text: str, source: str) -> Config:
     )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, **SLOTS)
 class _Problem:
     message: str
 

@@ -54,6 +54,8 @@ from dataclasses import dataclass
 from hopwatch.capture._types import ConnOpened, SockAddr
 from hopwatch.procfs import Lookup, ProcessInfo, ProcFS, SocketFd, TcpSocket, normalize_addr
 
+from ._compat import SLOTS
+
 __all__ = ["Connection", "ConnectionTable", "DropReason", "Identity", "IdentityFn"]
 
 DropReason = str  # "replaced" | "evicted" | "idle"
@@ -73,7 +75,7 @@ _COUNTERS = (
 )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, **SLOTS)
 class Identity:
     """Who holds a connection, when a capture source says so itself (pcap replay)."""
 
@@ -84,7 +86,7 @@ class Identity:
 IdentityFn = Callable[[ConnOpened], Identity]
 
 
-@dataclass(slots=True, eq=False)
+@dataclass(eq=False, **SLOTS)
 class Connection:
     """One tracked connection. ``state`` belongs to the pipeline (the stream parser)."""
 

@@ -10,6 +10,9 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ._bcc import import_bcc
+from ._compat import SLOTS
+
 __all__ = ["Check", "run_checks"]
 
 _CAP_SYS_ADMIN = 21
@@ -17,7 +20,7 @@ _CAP_PERFMON = 38
 _CAP_BPF = 39
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, **SLOTS)
 class Check:
     name: str
     ok: bool
@@ -109,7 +112,7 @@ def check_headers() -> Check:
 
 def check_bcc() -> Check:
     try:
-        import bcc
+        bcc = import_bcc()
     except Exception as exc:  # ImportError, or OSError from libbcc's ctypes load
         return Check(
             "bcc",

@@ -70,6 +70,8 @@ from hopwatch.pipeline import Observation, peer_label
 from hopwatch.propagation import TraceContext, Verdict
 from hopwatch.protocols import Origin
 
+from ._compat import SLOTS
+
 __all__ = [
     "REJECT_STATUSES",
     "Destination",
@@ -96,7 +98,7 @@ _OVERSIZED = "oversized"
 # -- what the analyzer reports ----------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, **SLOTS)
 class HopFinding:
     """One hop-level finding, for the audit sink.
 
@@ -123,7 +125,7 @@ class FindingSink(Protocol):
 # -- egress judgement -------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, **SLOTS)
 class Destination:
     """Where an outbound request goes, as far as the allowlist is concerned.
 
@@ -296,7 +298,7 @@ def _client_allowed(rules: Iterable[EgressRule], ip: str) -> bool:
 # -- per-process state ------------------------------------------------------------------------
 
 
-@dataclass(slots=True)
+@dataclass(**SLOTS)
 class _Inbound:
     seq: int
     fd: int
@@ -315,7 +317,7 @@ class _Inbound:
         return frozenset(c.trace_id for c in self.contexts)
 
 
-@dataclass(slots=True)
+@dataclass(**SLOTS)
 class _ClientConn:
     """Outbound requests of one connection still waiting for their response."""
 
@@ -325,7 +327,7 @@ class _ClientConn:
     oversized: dict[int, tuple[tuple[str, ...], str, str | None]] = field(default_factory=dict)
 
 
-@dataclass(slots=True)
+@dataclass(**SLOTS)
 class _Process:
     open: OrderedDict[int, _Inbound] = field(default_factory=OrderedDict)  # seq -> oldest first
     clients: OrderedDict[int, _ClientConn] = field(default_factory=OrderedDict)  # fd ->
@@ -437,7 +439,7 @@ class HopAnalyzer:
     def handle_event(self, ev: CaptureEvent) -> None:
         """Forward every capture event after `Pipeline.handle`: frees state on close/exit
         (an fd reopened without a seen close is a new connection too)."""
-        if isinstance(ev, ConnClosed | ConnOpened):
+        if isinstance(ev, (ConnClosed, ConnOpened)):
             self.connection_closed(ev.tgid, ev.fd)
         elif isinstance(ev, ProcessExited):
             self.process_exited(ev.tgid)

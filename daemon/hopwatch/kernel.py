@@ -13,6 +13,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from ._compat import SLOTS
+
 __all__ = [
     "HEADERS_FALLBACK_ROOT",
     "KernelEnv",
@@ -40,7 +42,7 @@ class KernelError(RuntimeError):
         self.fix = fix
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, **SLOTS)
 class KernelEnv:
     release: str
     headers: Path

@@ -15,6 +15,8 @@ from prometheus_client import CollectorRegistry, Gauge, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from ._compat import SLOTS
+
 __all__ = ["OVERFLOW_LABEL", "FastCounter", "KernelStatsCollector", "LabelCap", "Metrics"]
 
 OVERFLOW_LABEL = "other"
@@ -122,7 +124,7 @@ class FastCounter(Collector):
         yield self._family()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, **SLOTS)
 class KernelStat:
     name: str  # metric name without the hopwatch_ prefix
     doc: str

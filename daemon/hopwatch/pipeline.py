@@ -38,6 +38,8 @@ from hopwatch.protocols import (
     ParseFailed,
 )
 
+from ._compat import SLOTS
+
 __all__ = ["AuditHook", "CaptureControl", "Observation", "Pipeline"]
 
 log = logging.getLogger(__name__)
@@ -71,7 +73,7 @@ class CaptureControl(Protocol):
 
 
 # Not frozen: one is built per message, and a frozen dataclass's __init__ costs ~5x more.
-@dataclass(slots=True)
+@dataclass(**SLOTS)
 class Observation:
     """One HTTP message seen by one observed process."""
 

@@ -42,6 +42,8 @@ from dataclasses import dataclass
 
 from hopwatch.capture._types import SockAddr
 
+from ._compat import SLOTS
+
 __all__ = [
     "Lookup",
     "ProcFS",
@@ -80,7 +82,7 @@ class TcpState(enum.IntEnum):
 # process identity
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, **SLOTS)
 class ProcessInfo:
     """Who a process is. ``label`` is what metrics and the audit log call it."""
 
@@ -225,7 +227,7 @@ def normalize_addr(addr: SockAddr | None) -> SockAddr | None:
     return addr
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, **SLOTS)
 class TcpSocket:
     """One row of /proc/<pid>/net/tcp or tcp6."""
 
@@ -246,8 +248,20 @@ def _parse_endpoint(col: str) -> SockAddr:
     return SockAddr(family, host, int(hex_port, 16))
 
 
-_SYS_PIDFD_GETFD = 438  # the same number on every architecture (generic syscall table)
+_SYS_PIDFD_OPEN = 434  # these two: the same number on every architecture (generic table)
+_SYS_PIDFD_GETFD = 438
 _LIBC = ctypes.CDLL(None, use_errno=True)
+
+
+def _pidfd_open(pid: int) -> int:
+    """`os.pidfd_open`, which PyPy 3.9's `os` lacks (ProcessLookupError when gone)."""
+    if hasattr(os, "pidfd_open"):
+        return os.pidfd_open(pid)
+    fd = _LIBC.syscall(_SYS_PIDFD_OPEN, pid, 0)
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))  # errno picks the subclass
+    return int(fd)
 _INET_FAMILIES = (socket.AF_INET, socket.AF_INET6)
 
 
@@ -300,7 +314,7 @@ def parse_tcp_table(text: str) -> dict[int, TcpSocket]:
     return out
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, **SLOTS)
 class SocketFd:
     """An inet TCP socket held by a process fd, with the role it most likely plays."""
 
@@ -310,7 +324,7 @@ class SocketFd:
     role: str  # "client" | "server"
 
 
-@dataclass(slots=True)
+@dataclass(**SLOTS)
 class _NetTable:
     rows: dict[int, _Row]
     listen_ports: frozenset[int]
@@ -454,7 +468,7 @@ class ProcFS:
         if not self._getfd or inode <= 0:
             return None
         try:
-            pidfd = os.pidfd_open(pid)
+            pidfd = _pidfd_open(pid)
         except ProcessLookupError:
             return Lookup.GONE
         except OSError:

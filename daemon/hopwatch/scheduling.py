@@ -43,6 +43,8 @@ import os
 import threading
 import time
 
+from ._compat import SCHED_IDLE
+
 __all__ = ["IdleScheduling", "Overload", "budget_pause"]
 
 log = logging.getLogger(__name__)
@@ -100,7 +102,7 @@ class IdleScheduling:
             return
         with self._lock:
             if yield_cpu:
-                os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+                os.sched_setscheduler(0, SCHED_IDLE, os.sched_param(0))
                 self.yields += 1
             else:
                 os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
@@ -147,7 +149,7 @@ def _round_trip() -> str | None:
 
     def probe() -> None:
         try:
-            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+            os.sched_setscheduler(0, SCHED_IDLE, os.sched_param(0))
             os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
             result[0] = None
         except OSError as exc:

@@ -27,6 +27,8 @@ import os
 import struct
 from dataclasses import dataclass, field
 
+from ._compat import SLOTS
+
 __all__ = [
     "SSL_FUNCTIONS",
     "ElfInfo",
@@ -60,7 +62,7 @@ _STT_FUNC = 2
 _STT_GNU_IFUNC = 10
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, **SLOTS)
 class ElfInfo:
     symbols: dict[str, int]  # wanted function -> st_value (virtual address)
     is_go: bool  # a Go binary (crypto/tls is not observable)
@@ -123,7 +125,7 @@ def elf_info(path: str, wanted: tuple[str, ...] = SSL_FUNCTIONS) -> ElfInfo | No
     return ElfInfo(symbols, is_go)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, **SLOTS)
 class SslTarget:
     """One OpenSSL copy to attach the uprobes to."""
 
@@ -256,7 +258,7 @@ def _mapped_ssl_libs(base: str) -> list[str]:
 # -- what cannot be observed ------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, **SLOTS)
 class Unobservable:
     pid: int
     comm: str

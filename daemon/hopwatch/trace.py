@@ -47,12 +47,14 @@ import time
 from collections import deque
 from collections.abc import Callable, Container, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 from hopwatch.capture._types import SockAddr
 from hopwatch.hops import HopFinding, destination_of
 from hopwatch.pipeline import Observation
 from hopwatch.propagation import TraceContext, Verdict
+
+from ._compat import SLOTS
 
 __all__ = [
     "BREAK_FINDINGS",
@@ -121,7 +123,7 @@ def _short(trace_id: str) -> str:
 # -- the probe ----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, **SLOTS)
 class Probe:
     """The trace context one probe request carries (same ids in every format)."""
 
@@ -149,7 +151,7 @@ def new_probe(fmt: str) -> Probe:
     return Probe(TRACE_ID_PREFIX + secrets.token_hex(12), span, formats)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, **SLOTS)
 class ProbeResult:
     """What the probe request itself did (known locally, captured or not)."""
 
@@ -177,14 +179,14 @@ def _carries(v: Verdict, trace_id: str) -> bool:
     return any(_same_trace(c.trace_id, trace_id) for c in _contexts(v))
 
 
-ObsKey = tuple[int, int, str, int, int | None]
+ObsKey = tuple[int, int, str, int, Optional[int]]
 
 
 def _key(obs: Observation) -> ObsKey:
     return (obs.tgid, obs.fd, obs.direction, obs.ts_ns, obs.message.stream_id)
 
 
-@dataclass(slots=True)
+@dataclass(**SLOTS)
 class Recorded:
     """Everything captured about one trace id (a copy: safe to read off the loop thread)."""
 
@@ -197,7 +199,7 @@ class Recorded:
     answered: set[ObsKey] = field(default_factory=set)  # hops whose response was written
 
 
-@dataclass(slots=True)
+@dataclass(**SLOTS)
 class _Walk:
     rec: Recorded
     open: dict[int, list[Observation]] = field(default_factory=dict)  # tgid -> open hops
@@ -349,7 +351,7 @@ def _context_name(formats: Sequence[str]) -> str:
     return formats[0] if formats else "none"
 
 
-@dataclass(slots=True)
+@dataclass(**SLOTS)
 class Problem:
     severity: str  # "break" | "flag"
     finding: str  # stripped, restarted, no_context, leak, format_changed, ...
@@ -369,7 +371,7 @@ class Problem:
         }
 
 
-@dataclass(slots=True)
+@dataclass(**SLOTS)
 class Edge:
     """A request on the trace's path: the probe (``sender`` None) or an outbound one."""
 
@@ -406,7 +408,7 @@ class Edge:
         }
 
 
-@dataclass(slots=True)
+@dataclass(**SLOTS)
 class Hop:
     """A process that received a request on the trace's path."""
 
@@ -450,7 +452,7 @@ class Hop:
         }
 
 
-@dataclass(slots=True)
+@dataclass(**SLOTS)
 class TraceReport:
     probe: Probe
     request: ProbeResult

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Union
+
+from .._compat import SLOTS
 
 __all__ = [
     "CaptureEvent",
@@ -29,7 +32,7 @@ class Direction(enum.Enum):
     RECV = "recv"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, **SLOTS)
 class SockAddr:
     family: int  # socket.AF_INET / AF_INET6
     host: str  # textual IP address
@@ -40,7 +43,7 @@ class SockAddr:
 
 
 # Not frozen: one is built per message, and a frozen dataclass's __init__ costs ~5x more.
-@dataclass(slots=True)
+@dataclass(**SLOTS)
 class DataChunk:
     """The bytes that moved through ONE socket syscall (or one SSL_read/SSL_write) on one fd.
 
@@ -77,7 +80,7 @@ class DataChunk:
         return self.total_len - self.skipped - len(self.data)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, **SLOTS)
 class ConnOpened:
     """connect() (role client) or accept()/accept4() (role server) on an inet socket."""
 
@@ -90,20 +93,20 @@ class ConnOpened:
     comm: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, **SLOTS)
 class ConnClosed:
     tgid: int
     fd: int
     ts_ns: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, **SLOTS)
 class ProcessExited:
     tgid: int
     ts_ns: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, **SLOTS)
 class LostEvents:
     """Events the kernel side could not deliver, by reason (ring full, ...)."""
 
@@ -111,7 +114,7 @@ class LostEvents:
     count: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, **SLOTS)
 class UnknownFd:
     """An fd the capture does not track wrote bytes that look like HTTP.
 
@@ -130,7 +133,7 @@ class UnknownFd:
     comm: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, **SLOTS)
 class TlsServerName:
     """The server name (SNI) a TLS client set for the session on this connection.
 
@@ -144,6 +147,6 @@ class TlsServerName:
     ts_ns: int
 
 
-CaptureEvent = (
-    DataChunk | ConnOpened | ConnClosed | ProcessExited | LostEvents | UnknownFd | TlsServerName
-)
+CaptureEvent = Union[
+    DataChunk, ConnOpened, ConnClosed, ProcessExited, LostEvents, UnknownFd, TlsServerName
+]

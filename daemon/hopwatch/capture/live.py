@@ -54,6 +54,9 @@ from hopwatch.capture._types import (
 from hopwatch.kernel import KernelError, prepare_kernel
 from hopwatch.tls import SslFinder, SslTarget
 
+from .._bcc import import_bcc
+from .._compat import SLOTS
+
 __all__ = ["BPF_SOURCE", "CaptureConfig", "LiveCapture"]
 
 log = logging.getLogger(__name__)
@@ -234,7 +237,7 @@ _SIZE_CFLAGS = [
 ]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, **SLOTS)
 class CaptureConfig:
     """Load-time settings (cflags) and initial runtime settings (maps)."""
 
@@ -255,7 +258,7 @@ class CaptureConfig:
     ring_in_place: bool | None = None
 
 
-@dataclass(slots=True)
+@dataclass(**SLOTS)
 class _Pending:
     hdr: tuple[Any, ...]
     total_len: int
@@ -269,7 +272,7 @@ class _Pending:
     ssl: int = 0  # TLS plaintext: the SSL object
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, **SLOTS)
 class _TlsMark:
     """Slot: (tgid, ssl) got a socket (or a server name): release what waited for it."""
 
@@ -493,7 +496,7 @@ class LiveCapture:
             return
         env = prepare_kernel()
         try:
-            from bcc import BPF
+            BPF = import_bcc().BPF
         except ImportError as exc:
             raise KernelError(
                 "bcc_missing",

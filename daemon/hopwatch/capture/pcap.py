@@ -72,6 +72,8 @@ from hopwatch.capture._types import (
 from hopwatch.conntrack import Identity
 from hopwatch.procfs import ProcessInfo
 
+from .._compat import SLOTS
+
 __all__ = ["ENDS", "PcapCapture", "PcapError", "PcapStats"]
 
 log = logging.getLogger(__name__)
@@ -107,7 +109,7 @@ class PcapError(Exception):
     """The file cannot be read as a capture; the message says why."""
 
 
-@dataclass(slots=True)
+@dataclass(**SLOTS)
 class PcapStats:
     """What reading the capture found; every gap and every packet passed over is counted."""
 
@@ -133,7 +135,7 @@ class PcapStats:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-@dataclass(slots=True)
+@dataclass(**SLOTS)
 class _End:
     """One synthetic observed end: a process (host IP) holding one fd."""
 
@@ -142,13 +144,13 @@ class _End:
     label: str
 
 
-@dataclass(slots=True)
+@dataclass(**SLOTS)
 class _Seg:
     data: bytes
     total: int  # segment length on the wire (data may be cut by the snap length)
 
 
-@dataclass(slots=True)
+@dataclass(**SLOTS)
 class _Dir:
     """One direction of a connection: delivered offset, reorder buffer, FIN."""
 
@@ -174,7 +176,7 @@ class _Dir:
         return self.fin_off is not None and self.next_off >= self.fin_off
 
 
-@dataclass(slots=True)
+@dataclass(**SLOTS)
 class _Conn:
     client: tuple[str, int]
     server: tuple[str, int]
@@ -184,7 +186,7 @@ class _Conn:
     ends: tuple[_End | None, _End | None] = (None, None)  # client end, server end
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, **SLOTS)
 class _Packet:
     family: int
     src: str

@@ -19,12 +19,13 @@ the sampling decision (``None`` = deferred), and whether the header(s) raised no
 from __future__ import annotations
 
 import re
+from typing import Optional
 
 from ._model import MALFORMED, Finding, TraceContext, new_context
 
 __all__ = ["B3Result", "check_b3_multi", "check_b3_single"]
 
-B3Result = tuple[TraceContext | None, bool | None, bool]
+B3Result = tuple[Optional[TraceContext], Optional[bool], bool]
 
 _OWS = " \t"
 _SINGLE = re.compile(r"([0-9a-f]{32}|[0-9a-f]{16})-([0-9a-f]{16})(?:-([01d])(?:-([0-9a-f]{16}))?)?")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .._compat import SLOTS, field_setter
+
 __all__ = [
     "CONFLICT",
     "MALFORMED",
@@ -21,7 +23,7 @@ SENSITIVE = "sensitive"
 CONFLICT = "conflict"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, **SLOTS)
 class Limits:
     """Size limits; a header over one of them is ``oversized`` (DESIGN.md defaults)."""
 
@@ -32,7 +34,7 @@ class Limits:
     header_block_bytes: int = 16384
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, **SLOTS)
 class Finding:
     """One problem with one header of one message.
 
@@ -46,7 +48,7 @@ class Finding:
     detail: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, **SLOTS)
 class TraceContext:
     """A valid trace context carried by one format.
 
@@ -65,10 +67,10 @@ class TraceContext:
 # descriptors is about twice as fast. The result is an ordinary, fully-initialised
 # instance (equality, repr, hashing and immutability unchanged).
 _tc_new = TraceContext.__new__
-_tc_format = getattr(TraceContext, "format").__set__  # noqa: B009
-_tc_trace_id = getattr(TraceContext, "trace_id").__set__  # noqa: B009
-_tc_span_id = getattr(TraceContext, "span_id").__set__  # noqa: B009
-_tc_sampled = getattr(TraceContext, "sampled").__set__  # noqa: B009
+_tc_format = field_setter(TraceContext, "format")
+_tc_trace_id = field_setter(TraceContext, "trace_id")
+_tc_span_id = field_setter(TraceContext, "span_id")
+_tc_sampled = field_setter(TraceContext, "sampled")
 
 
 def new_context(

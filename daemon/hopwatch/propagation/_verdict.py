@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from .._compat import SLOTS, field_setter
 from ._b3 import MULTI_HEADERS, SAMPLED, TRACE_ID, check_b3_multi, check_b3_single
 from ._baggage import check_baggage
 from ._model import CONFLICT, MALFORMED, OVERSIZED, Finding, Limits, TraceContext
@@ -35,7 +36,7 @@ HEADER_NAMES: frozenset[str] = frozenset(_DISPATCH)
 _INVALIDATING = (MALFORMED, OVERSIZED)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, **SLOTS)
 class Verdict:
     """What the propagation headers of one message amount to."""
 
@@ -60,10 +61,10 @@ class Verdict:
 _NO_FINDINGS: tuple[Finding, ...] = ()
 # Hot-path constructor: see _model.new_context.
 _v_new = Verdict.__new__
-_v_findings = getattr(Verdict, "findings").__set__  # noqa: B009
-_v_w3c = getattr(Verdict, "w3c").__set__  # noqa: B009
-_v_b3 = getattr(Verdict, "b3").__set__  # noqa: B009
-_v_has_baggage = getattr(Verdict, "has_baggage").__set__  # noqa: B009
+_v_findings = field_setter(Verdict, "findings")
+_v_w3c = field_setter(Verdict, "w3c")
+_v_b3 = field_setter(Verdict, "b3")
+_v_has_baggage = field_setter(Verdict, "has_baggage")
 
 
 def _new_verdict(

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, Union
+
+from .._compat import SLOTS
 
 __all__ = [
     "PROPAGATION_HEADERS",
@@ -119,7 +121,7 @@ class MessageParsed(NamedTuple):
         return tuple.__hash__(self)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, **SLOTS)
 class ParseFailed:
     """Bytes that could not be parsed. ``code`` is stable and may become a metric label."""
 
@@ -128,7 +130,7 @@ class ParseFailed:
     detail: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, **SLOTS)
 class Desynced:
     """The parser lost its place in a direction (gap, garbage, HPACK failure) and
     ``dropped`` bytes were thrown away before it found the next message boundary
@@ -139,7 +141,7 @@ class Desynced:
     dropped: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, **SLOTS)
 class BodySkipped:
     """Body bytes consumed without parsing (informational; lets a caller account bytes)."""
 
@@ -147,14 +149,14 @@ class BodySkipped:
     length: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, **SLOTS)
 class ProtocolSwitched:
     """The connection changed protocol (HTTP/1.1 ``Upgrade: h2c`` answered 101)."""
 
     protocol: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, **SLOTS)
 class StreamReset:
     """HTTP/2 RST_STREAM or GOAWAY: requests on these streams will get no response."""
 
@@ -164,4 +166,4 @@ class StreamReset:
     error_code: int = 0
 
 
-Event = MessageParsed | ParseFailed | Desynced | BodySkipped | ProtocolSwitched | StreamReset
+Event = Union[MessageParsed, ParseFailed, Desynced, BodySkipped, ProtocolSwitched, StreamReset]

@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import Union
 
 from hopwatch.protocols._events import (
     PROPAGATION_HEADERS,
@@ -77,7 +78,7 @@ from hopwatch.protocols._events import (
 
 __all__ = ["Http1Parser"]
 
-_Data = bytes | bytearray
+_Data = Union[bytes, bytearray]
 
 # Direction states (plain ints: compared on every chunk).
 _IDLE = 0
