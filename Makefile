@@ -8,8 +8,15 @@ PY := $(VENV)/bin/python
 BCC_DIST := /usr/lib/python3/dist-packages/bcc
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+# The daemon's runtime (daemon/hopwatch/runtime.py, docs/performance.md): `pypy` (default:
+# `hopwatch run` execs PyPy, about half the CPU per message) or `cpython`. The CLI, the
+# tools and the tests stay on CPython either way.
+RUNTIME ?= pypy
+PYPY ?= /usr/bin/pypy3
+PYPY_VENV := .venv-pypy
+PYPY_STAMP := $(PYPY_VENV)/.installed
 
-.PHONY: all setup system venv run test test-unit test-kernel lint bench clean
+.PHONY: all setup system venv runtime run test test-unit test-kernel lint bench clean
 
 all: setup
 
@@ -34,7 +41,29 @@ $(STAMP): pyproject.toml | $(PY) $(VENV)/bcc-shim/bcc
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
-venv: $(STAMP) $(VENV)/bcc-shim/bcc
+# PyPy: only what the daemon imports (no test tools), bcc through the same shim.
+$(PYPY_VENV)/bin/python:
+	$(PYPY) -m venv $(PYPY_VENV)
+
+$(PYPY_STAMP): pyproject.toml | $(PYPY_VENV)/bin/python $(VENV)/bcc-shim/bcc
+	$(PYPY_VENV)/bin/python -m pip install -q -e .
+	echo "$(abspath $(VENV))/bcc-shim" > $$($(PYPY_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/hopwatch-bcc.pth
+	$(PYPY_VENV)/bin/python -c 'from hopwatch._bcc import import_bcc; import_bcc(); import hopwatch.capture.live'
+	touch $(PYPY_STAMP)
+
+# `.venv/hopwatch-pypy` is what `hopwatch run` execs (runtime.py); without it, CPython runs.
+ifeq ($(RUNTIME),pypy)
+runtime: $(STAMP) $(PYPY_STAMP)
+	ln -sfn $(abspath $(PYPY_VENV))/bin/hopwatch $(VENV)/hopwatch-pypy
+else ifeq ($(RUNTIME),cpython)
+runtime: $(STAMP)
+	rm -f $(VENV)/hopwatch-pypy
+else
+runtime:
+	@echo "RUNTIME must be pypy or cpython, not '$(RUNTIME)'" >&2; exit 2
+endif
+
+venv: $(STAMP) $(VENV)/bcc-shim/bcc runtime
 
 run: setup
 	$(VENV)/bin/hopwatch run
@@ -60,7 +89,7 @@ bench: setup
 	$(PY) bench/hotpath_bench.py
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info
+	rm -rf $(VENV) $(PYPY_VENV) build dist *.egg-info
 
 # --- systemd service (docs/operations.md) ---------------------------------------------
 # A self-contained venv under PREFIX, the unit, a commented default config; enables the

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # System set-up for hopwatch (root, Debian/Ubuntu). Idempotent: a second run with
 # nothing to do takes well under a second.
-#  - apt packages: bcc (python3-bpfcc, bpfcc-tools), kernel headers, the test peers, and gcc
+#  - apt packages: bcc (python3-bpfcc, bpfcc-tools), PyPy (pypy3 >= 3.9, the daemon's
+#    runtime; `make RUNTIME=cpython` where the distro's is older), kernel headers, the test
+#    peers, and gcc
 #    (tests/test_ring.py builds a small C watcher; bench/ builds its load client)
 #  - kernel headers: the running kernel's package where the distro has it, else a merged
 #    tree of the nearest linux-headers-*-common + *-amd64 under /var/lib/hopwatch/headers/
@@ -9,7 +11,7 @@
 #  - tracefs/debugfs mounted.
 set -euo pipefail
 
-APT_PACKAGES="bpfcc-tools python3-bpfcc python3-venv iproute2 curl nginx-light haproxy tcpdump prometheus systemd libcap2-bin util-linux python3-yaml bpftool wrk gcc libc6-dev"
+APT_PACKAGES="bpfcc-tools python3-bpfcc python3-venv pypy3 iproute2 curl nginx-light haproxy tcpdump prometheus systemd libcap2-bin util-linux python3-yaml bpftool wrk gcc libc6-dev"
 # Node.js: the distro package only where no node is installed (some images ship nodesource's).
 command -v node >/dev/null 2>&1 || APT_PACKAGES="$APT_PACKAGES nodejs"
 command -v npm >/dev/null 2>&1 || APT_PACKAGES="$APT_PACKAGES npm"

@@ -9,6 +9,8 @@
 #   ENABLE   auto                       auto: `systemctl enable --now` when systemd is
 #                                       PID 1; no: never touch systemctl
 #   PURGE    0                          uninstall: 1 also removes config, logs, the user
+#   RUNTIME  pypy                       the daemon's interpreter: pypy (PREFIX/venv-pypy,
+#                                       which `hopwatch run` execs) or cpython
 set -euo pipefail
 
 ACTION=${1:-install}
@@ -19,6 +21,8 @@ UNITDIR=${UNITDIR:-/etc/systemd/system}
 ENABLE=${ENABLE:-auto}
 PURGE=${PURGE:-0}
 PYTHON=${PYTHON:-/usr/bin/python3}
+RUNTIME=${RUNTIME:-pypy}
+PYPY=${PYPY:-/usr/bin/pypy3}
 BCC_DIST=/usr/lib/python3/dist-packages/bcc
 SERVICE_USER=hopwatch
 
@@ -33,6 +37,10 @@ fi
 systemd_running() { [ -d /run/systemd/system ] && [ "$(cat /proc/1/comm 2>/dev/null)" = systemd ]; }
 
 install_all() {
+  case "$RUNTIME" in
+    pypy | cpython) ;;
+    *) echo "install: RUNTIME must be pypy or cpython, not '$RUNTIME'" >&2; exit 2 ;;
+  esac
   # 1. A venv of its own, with the package installed from a wheel (not editable).
   if [ ! -x "$PREFIX/venv/bin/python" ]; then
     mkdir -p "$PREFIX"
@@ -52,6 +60,23 @@ install_all() {
   echo "$PREFIX/venv/bcc-shim" > "$purelib/hopwatch-bcc.pth"
   "$PREFIX/venv/bin/python" -c 'import bcc, hopwatch.capture.live' \
     || { echo "install: the installed venv cannot import bcc/hopwatch" >&2; exit 1; }
+  # 1b. The daemon's runtime (daemon/hopwatch/runtime.py): PyPy, from the same wheel, linked
+  #     where `hopwatch run` looks for it (it execs it, same pid).
+  if [ "$RUNTIME" = pypy ]; then
+    [ -x "$PYPY" ] || { echo "install: $PYPY missing (apt-get install pypy3), or RUNTIME=cpython" >&2; exit 1; }
+    [ -x "$PREFIX/venv-pypy/bin/python" ] || "$PYPY" -m venv "$PREFIX/venv-pypy"
+    "$PREFIX/venv-pypy/bin/python" -m pip install -q "$wheels"/hopwatch-*.whl
+    "$PREFIX/venv-pypy/bin/python" -m pip install -q --force-reinstall --no-deps "$wheels"/hopwatch-*.whl
+    purelib=$("$PREFIX/venv-pypy/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+    echo "$PREFIX/venv/bcc-shim" > "$purelib/hopwatch-bcc.pth"
+    "$PREFIX/venv-pypy/bin/python" -c 'from hopwatch._bcc import import_bcc; import_bcc(); import hopwatch.capture.live' \
+      || { echo "install: the PyPy venv cannot import bcc/hopwatch" >&2; exit 1; }
+    ln -sfn "$PREFIX/venv-pypy/bin/hopwatch" "$PREFIX/venv/hopwatch-pypy"
+    log "runtime: PyPy ($PREFIX/venv-pypy)"
+  else
+    rm -f "$PREFIX/venv/hopwatch-pypy"
+    log "runtime: CPython"
+  fi
   mkdir -p "$PREFIX/share/doc"
   install -m 0644 "$REPO/docs/operations.md" "$PREFIX/share/doc/operations.md"
   log "package: $PREFIX/venv/bin/hopwatch"
@@ -76,7 +101,11 @@ install_all() {
 
   # 4. The unit, with the paths chosen above.
   mkdir -p "$UNITDIR"
+  # CPython runs no JIT: it can have MemoryDenyWriteExecute=yes (see the unit).
+  local mdwe=yes
+  [ "$RUNTIME" = pypy ] && mdwe=no
   sed -e "s|/opt/hopwatch|$PREFIX|g" -e "s|/etc/hopwatch|$CONFDIR|g" \
+    -e "s|^MemoryDenyWriteExecute=.*|MemoryDenyWriteExecute=$mdwe|" \
     "$REPO/systemd/hopwatch.service" > "$UNITDIR/hopwatch.service.tmp"
   chmod 0644 "$UNITDIR/hopwatch.service.tmp"
   mv "$UNITDIR/hopwatch.service.tmp" "$UNITDIR/hopwatch.service"

@@ -90,7 +90,13 @@ def scrape(addr: str) -> Snapshot:
 class Daemon:
     """A real `hopwatch run` subprocess (the console script, as an operator starts it)."""
 
-    def __init__(self, tmp: Path, config: str | None = None, name: str = "hopwatch") -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        config: str | None = None,
+        name: str = "hopwatch",
+        env: Mapping[str, str] | None = None,
+    ) -> None:
         self.port = free_port()
         self.addr = f"127.0.0.1:{self.port}"
         self.log = tmp / "hopwatch.log"
@@ -105,7 +111,12 @@ class Daemon:
             args += ["--config", str(cfg)]
         self._logf = self.log.open("wb")
         self.started = time.monotonic()
-        self.proc = subprocess.Popen(args, stdout=self._logf, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            args,
+            stdout=self._logf,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **env} if env is not None else None,
+        )
         deadline = time.monotonic() + 60
         while True:
             if self.proc.poll() is not None:
@@ -321,6 +332,7 @@ __all__ = [
     "HOPWATCH",
     "REPO",
     "SYSTEM_PYTHON",
+    "VENV",
     "Daemon",
     "Delta",
     "NetNS",

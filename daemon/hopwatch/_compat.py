@@ -26,5 +26,6 @@ def field_setter(cls: type, name: str) -> Callable[[Any, Any], None]:
 
     return set_field
 
+
 # Linux's SCHED_IDLE (include/uapi/linux/sched.h); PyPy 3.9's `os` lacks the name.
 SCHED_IDLE: int = getattr(os, "SCHED_IDLE", 5)

@@ -6,6 +6,7 @@ import dataclasses
 import logging
 import sys
 
+from hopwatch import runtime
 from hopwatch.config import ConfigError, load_config, split_host_port
 
 __all__ = ["doctor", "run"]
@@ -35,6 +36,13 @@ def run(
     except (ConfigError, ValueError) as exc:
         print(f"hopwatch: configuration error: {exc}", file=sys.stderr)
         return 2
+    try:
+        runtime.switch(sys.argv)  # PyPy where installed: returns only to go on here
+        runtime.restore_name()
+    except runtime.RuntimeChoiceError as exc:
+        print(f"hopwatch: cannot start: {exc}", file=sys.stderr)
+        return 2
+    log.info("runtime: %s (%s)", runtime.describe(), sys.executable)
 
     from hopwatch.server import Daemon, StartupError
 

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from types import FrameType
 from typing import Any
 
-from prometheus_client import start_http_server
+from prometheus_client import PlatformCollector, start_http_server
 
 from hopwatch.audit import AuditError, AuditLog
 from hopwatch.capture._types import DataChunk
@@ -284,6 +284,8 @@ class Daemon:
             adopted += 1
         log.info("adopted %d existing inet sockets", adopted)
         self.metrics.registry.register(KernelStatsCollector(self._stats, _STATS_DOCS))
+        # python_info{implementation="PyPy"|"CPython", version=...}: which runtime serves.
+        PlatformCollector(registry=self.metrics.registry)
         try:
             if self._serve_metrics:
                 self._http, _ = start_http_server(port, addr=host, registry=self.metrics.registry)

@@ -1,0 +1,163 @@
+"""Which interpreter `hopwatch run` ends up on (hopwatch.runtime)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from hopwatch import runtime
+from hopwatch.runtime import NURSERY, PYPY_LINK, RuntimeChoiceError, exec_plan
+from tests.helpers import REPO, SYSTEM_PYTHON, VENV, Daemon, counts, free_port, named, run, server
+
+PEERS = REPO / "tests" / "peers"
+TP = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+def _venv(tmp_path: Path, with_pypy: bool) -> Path:
+    prefix = tmp_path / ("venv-pypy" if with_pypy else "venv")
+    prefix.mkdir()
+    if with_pypy:
+        target = tmp_path / "pypy-venv-hopwatch"
+        target.write_text("#!/bin/sh\n")
+        target.chmod(0o755)
+        (prefix / PYPY_LINK).symlink_to(target)
+    return prefix
+
+
+def plan(prefix: Path, env: dict[str, str], impl: str = "CPython", argv: list[str] | None = None):
+    return exec_plan(
+        argv or ["/x/bin/hopwatch", "run", "--metrics-addr", "127.0.0.1:1"],
+        env,
+        implementation=impl,
+        executable="/usr/bin/python3",
+        prefix=str(prefix),
+    )
+
+
+def test_cpython_execs_the_installed_pypy_with_the_same_arguments(tmp_path: Path) -> None:
+    prefix = _venv(tmp_path, with_pypy=True)
+    got = plan(prefix, {"PATH": "/bin"})
+    assert got is not None
+    path, argv, env = got
+    assert path == str(prefix / PYPY_LINK)
+    assert argv == [path, "run", "--metrics-addr", "127.0.0.1:1"]
+    assert env == {"PATH": "/bin", "PYPY_GC_NURSERY": NURSERY}
+
+
+def test_an_operators_nursery_is_kept(tmp_path: Path) -> None:
+    got = plan(
+        _venv(tmp_path, with_pypy=True), {"PYPY_GC_NURSERY": "8M", "HOPWATCH_RUNTIME": "auto"}
+    )
+    assert got is not None and got[2]["PYPY_GC_NURSERY"] == "8M"
+
+
+def test_cpython_stays_without_pypy(tmp_path: Path) -> None:
+    assert plan(_venv(tmp_path, with_pypy=False), {}) is None
+
+
+def test_cpython_stays_when_asked(tmp_path: Path) -> None:
+    assert plan(_venv(tmp_path, with_pypy=True), {"HOPWATCH_RUNTIME": "cpython"}) is None
+    assert plan(_venv(tmp_path, with_pypy=False), {"HOPWATCH_RUNTIME": " CPython "}) is None
+
+
+def test_pypy_required_but_missing_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeChoiceError, match=r"hopwatch-pypy is missing.*make setup"):
+        plan(_venv(tmp_path, with_pypy=False), {"HOPWATCH_RUNTIME": "pypy"})
+
+
+def test_an_unknown_choice_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeChoiceError, match="expected one of auto, cpython, pypy"):
+        plan(_venv(tmp_path, with_pypy=True), {"HOPWATCH_RUNTIME": "jython"})
+
+
+def test_pypy_restarts_itself_once_to_size_its_nursery(tmp_path: Path) -> None:
+    script = tmp_path / "hw_named"
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o755)
+    argv = [str(script), "run"]
+    got = plan(tmp_path, {"A": "1"}, impl="PyPy", argv=argv)
+    # The script itself (so the process keeps its name), with the nursery set...
+    assert got == (str(script), argv, {"A": "1", "PYPY_GC_NURSERY": NURSERY})
+    # ...and once set, it goes on.
+    assert plan(tmp_path, {"PYPY_GC_NURSERY": NURSERY}, impl="PyPy", argv=argv) is None
+    # `pypy -m hopwatch run`: argv[0] is not executable, the interpreter is.
+    got = plan(tmp_path, {}, impl="PyPy", argv=[str(tmp_path / "__main__.py"), "run"])
+    assert got is not None and got[1] == ["/usr/bin/python3", "-m", "hopwatch", "run"]
+
+
+def test_pypy_refuses_a_cpython_request(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeChoiceError, match="this is PyPy"):
+        plan(tmp_path, {"HOPWATCH_RUNTIME": "cpython"}, impl="PyPy")
+
+
+def test_describe_names_this_interpreter() -> None:
+    import platform
+
+    assert runtime.describe() == f"CPython {platform.python_version()}"
+
+
+# -- the real daemon ------------------------------------------------------------------------
+PYPY_INSTALLED = (VENV / PYPY_LINK).exists()  # `make setup` with RUNTIME=pypy (the default)
+
+
+def _python_info(d: Daemon) -> dict[str, str]:
+    series = [ls for (name, ls), v in d.scrape().samples.items() if name == "python_info"]
+    assert len(series) == 1, series
+    return dict(series[0])
+
+
+@pytest.mark.kernel
+def test_the_session_daemon_runs_on_the_runtime_make_set_up(daemon: Daemon) -> None:
+    """`.venv/bin/hopwatch run` (CPython) execs PyPy when `make setup` installed it: same
+    pid, same name, the nursery set; python_info tells which runtime serves."""
+    pid = daemon.proc.pid
+    exe = os.path.basename(os.readlink(f"/proc/{pid}/exe"))
+    comm = Path(f"/proc/{pid}/comm").read_text().strip()
+    info = _python_info(daemon)
+    assert comm == daemon.name
+    if PYPY_INSTALLED:
+        assert exe.startswith("pypy"), exe
+        assert info["implementation"] == "PyPy"
+        assert "runtime: PyPy" in daemon.log_text()
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        assert f"PYPY_GC_NURSERY={NURSERY}".encode() in environ
+    else:
+        assert exe.startswith("python"), exe
+        assert info["implementation"] == "CPython"
+
+
+@pytest.mark.kernel
+def test_the_cpython_runtime_still_captures_exactly(tmp_path: Path) -> None:
+    """HOPWATCH_RUNTIME=cpython: the same daemon on the interpreter it was started with."""
+    d = Daemon(tmp_path, name="hw_cpython", env={"HOPWATCH_RUNTIME": "cpython"})
+    try:
+        assert os.path.basename(os.readlink(f"/proc/{d.proc.pid}/exe")).startswith("python")
+        assert _python_info(d)["implementation"] == "CPython"
+        port = free_port()
+        srv = named(tmp_path, "t_rt_srv", SYSTEM_PYTHON)
+        cli = named(tmp_path, "t_rt_cli", SYSTEM_PYTHON)
+        with server([srv, str(PEERS / "h1_server.py"), "127.0.0.1", str(port)], port):
+            before = d.settle()
+            run(
+                [
+                    cli,
+                    str(PEERS / "h1_client.py"),
+                    "127.0.0.1",
+                    str(port),
+                    "7",
+                    f"traceparent: {TP}",
+                ]
+            )
+            delta = d.settle() - before
+        assert counts(delta, "t_rt_cli") == {
+            ("outbound", "request", "http1", "w3c"): 7,
+            ("inbound", "response", "http1", "none"): 7,
+        }
+        assert counts(delta, "t_rt_srv") == {
+            ("inbound", "request", "http1", "w3c"): 7,
+            ("outbound", "response", "http1", "none"): 7,
+        }
+    finally:
+        assert d.stop() == 0, d.log_text()
