@@ -84,6 +84,8 @@ def main() -> int:
     d = Daemon(tmp, config=config, name="hw_scale")
     try:
         res["rss_idle_mib"] = rss_mib(d.proc.pid)
+        info = d.python_info()
+        res["runtime"] = f"{info['implementation']} {info['version']}"
         base = gauges(d.settle())
         ports = [free_port() for _ in range(args.clients)]
         # One server process per port: each holds at most one client's connections (the
@@ -128,6 +130,10 @@ def main() -> int:
         snap = d.settle()
         res["open"] = {k: v - base[k] for k, v in gauges(snap).items()}
         res["rss_open_mib"] = rss_mib(d.proc.pid)
+        # Anonymous memory (heap, objects) and resident pages of files (the interpreter's
+        # own library among them: ~7 MiB for CPython's, ~50 MiB for PyPy's libpypy).
+        res["rss_anon_open_mib"] = rss_mib(d.proc.pid, "RssAnon")
+        res["rss_file_open_mib"] = rss_mib(d.proc.pid, "RssFile")
         res["hwm_mib"] = rss_mib(d.proc.pid, "VmHWM")
         res["tracked_sockets_expected"] = sockets
         res["requests_sent"] = sum(len(range(0, per_client, args.active_every)) for _ in clients)
@@ -176,7 +182,10 @@ def main() -> int:
         "| | value |",
         "| --- | ---: |",
         f"| daemon RSS after start (idle) | {res['rss_idle_mib']:.0f} MiB |",
+        f"| daemon runtime | {res['runtime']} |",
         f"| daemon RSS, all connections open | **{res['rss_open_mib']:.0f} MiB** |",
+        f"| of which anonymous / file pages | {res['rss_anon_open_mib']:.0f} / "
+        f"{res['rss_file_open_mib']:.0f} MiB |",
         f"| daemon peak RSS (VmHWM) | {res['hwm_closed_mib']:.0f} MiB |",
         f"| daemon RSS after they closed | {res['rss_closed_mib']:.0f} MiB |",
         f"| connection table (userspace) | {o['connections_tracked']:.0f} |",

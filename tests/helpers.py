@@ -135,6 +135,12 @@ class Daemon:
     def scrape(self) -> Snapshot:
         return scrape(self.addr)
 
+    def python_info(self) -> dict[str, str]:
+        """The labels of ``python_info``: which interpreter serves (implementation, version)."""
+        series = [ls for (name, ls), _v in self.scrape().samples.items() if name == "python_info"]
+        assert len(series) == 1, series
+        return dict(series[0])
+
     def settle(self, timeout: float = 10.0, quiet: float = 0.5) -> Snapshot:
         """Scrape until the capture counters stop moving for `quiet` seconds. An overloaded
         daemon pauses on purpose (up to 1 s, its CPU budget) with records still in the ring:

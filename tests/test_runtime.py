@@ -102,12 +102,6 @@ def test_describe_names_this_interpreter() -> None:
 PYPY_INSTALLED = (VENV / PYPY_LINK).exists()  # `make setup` with RUNTIME=pypy (the default)
 
 
-def _python_info(d: Daemon) -> dict[str, str]:
-    series = [ls for (name, ls), v in d.scrape().samples.items() if name == "python_info"]
-    assert len(series) == 1, series
-    return dict(series[0])
-
-
 @pytest.mark.kernel
 def test_the_session_daemon_runs_on_the_runtime_make_set_up(daemon: Daemon) -> None:
     """`.venv/bin/hopwatch run` (CPython) execs PyPy when `make setup` installed it: same
@@ -115,7 +109,7 @@ def test_the_session_daemon_runs_on_the_runtime_make_set_up(daemon: Daemon) -> N
     pid = daemon.proc.pid
     exe = os.path.basename(os.readlink(f"/proc/{pid}/exe"))
     comm = Path(f"/proc/{pid}/comm").read_text().strip()
-    info = _python_info(daemon)
+    info = daemon.python_info()
     assert comm == daemon.name
     if PYPY_INSTALLED:
         assert exe.startswith("pypy"), exe
@@ -134,7 +128,7 @@ def test_the_cpython_runtime_still_captures_exactly(tmp_path: Path) -> None:
     d = Daemon(tmp_path, name="hw_cpython", env={"HOPWATCH_RUNTIME": "cpython"})
     try:
         assert os.path.basename(os.readlink(f"/proc/{d.proc.pid}/exe")).startswith("python")
-        assert _python_info(d)["implementation"] == "CPython"
+        assert d.python_info()["implementation"] == "CPython"
         port = free_port()
         srv = named(tmp_path, "t_rt_srv", SYSTEM_PYTHON)
         cli = named(tmp_path, "t_rt_cli", SYSTEM_PYTHON)
