@@ -9,8 +9,8 @@
 #   ENABLE   auto                       auto: `systemctl enable --now` when systemd is
 #                                       PID 1; no: never touch systemctl
 #   PURGE    0                          uninstall: 1 also removes config, logs, the user
-#   RUNTIME  pypy                       the daemon's interpreter: pypy (PREFIX/venv-pypy,
-#                                       which `hopwatch run` execs) or cpython
+#   RUNTIME  cpython                    the daemon's interpreter: cpython or pypy
+#                                       (PREFIX/venv-pypy, which `hopwatch run` execs)
 set -euo pipefail
 
 ACTION=${1:-install}
@@ -21,7 +21,7 @@ UNITDIR=${UNITDIR:-/etc/systemd/system}
 ENABLE=${ENABLE:-auto}
 PURGE=${PURGE:-0}
 PYTHON=${PYTHON:-/usr/bin/python3}
-RUNTIME=${RUNTIME:-pypy}
+RUNTIME=${RUNTIME:-cpython}
 PYPY=${PYPY:-/usr/bin/pypy3}
 BCC_DIST=/usr/lib/python3/dist-packages/bcc
 SERVICE_USER=hopwatch
@@ -101,7 +101,7 @@ install_all() {
 
   # 4. The unit, with the paths chosen above.
   mkdir -p "$UNITDIR"
-  # CPython runs no JIT: it can have MemoryDenyWriteExecute=yes (see the unit).
+  # PyPy's JIT writes machine code: MemoryDenyWriteExecute=no for it (see the unit).
   local mdwe=yes
   [ "$RUNTIME" = pypy ] && mdwe=no
   sed -e "s|/opt/hopwatch|$PREFIX|g" -e "s|/etc/hopwatch|$CONFDIR|g" \

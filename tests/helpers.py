@@ -96,13 +96,15 @@ class Daemon:
         config: str | None = None,
         name: str = "hopwatch",
         env: Mapping[str, str] | None = None,
+        exe: str | None = None,
     ) -> None:
         self.port = free_port()
         self.addr = f"127.0.0.1:{self.port}"
         self.log = tmp / "hopwatch.log"
         # Started through a symlink named `name`: its comm, so tests can tell this daemon
         # from any other hopwatch on the machine.
-        exe = named(tmp, name, str(HOPWATCH)) if name != "hopwatch" else str(HOPWATCH)
+        target = exe or str(HOPWATCH)
+        exe = named(tmp, name, target) if name != "hopwatch" else target
         self.name = name
         args = [exe, "run", "--metrics-addr", self.addr]
         if config is not None:

@@ -26,7 +26,9 @@ def _venv(tmp_path: Path, with_pypy: bool) -> Path:
     return prefix
 
 
-def plan(prefix: Path, env: dict[str, str], impl: str = "CPython", argv: list[str] | None = None):
+def plan(
+    prefix: Path, env: dict[str, str], impl: str = "CPython", argv: list[str] | None = None
+) -> tuple[str, list[str], dict[str, str]] | None:
     return exec_plan(
         argv or ["/x/bin/hopwatch", "run", "--metrics-addr", "127.0.0.1:1"],
         env,
@@ -99,36 +101,46 @@ def test_describe_names_this_interpreter() -> None:
 
 
 # -- the real daemon ------------------------------------------------------------------------
-PYPY_INSTALLED = (VENV / PYPY_LINK).exists()  # `make setup` with RUNTIME=pypy (the default)
+PYPY_INSTALLED = (VENV / PYPY_LINK).exists()  # `make setup RUNTIME=pypy`
+PYPY_HOPWATCH = REPO / ".venv-pypy" / "bin" / "hopwatch"  # built by every `make setup`
 
 
 @pytest.mark.kernel
 def test_the_session_daemon_runs_on_the_runtime_make_set_up(daemon: Daemon) -> None:
-    """`.venv/bin/hopwatch run` (CPython) execs PyPy when `make setup` installed it: same
-    pid, same name, the nursery set; python_info tells which runtime serves."""
+    """`.venv/bin/hopwatch run` stays on CPython, or execs PyPy when `make setup
+    RUNTIME=pypy` linked it: same pid, same name; python_info tells which one serves."""
     pid = daemon.proc.pid
     exe = os.path.basename(os.readlink(f"/proc/{pid}/exe"))
-    comm = Path(f"/proc/{pid}/comm").read_text().strip()
+    assert Path(f"/proc/{pid}/comm").read_text().strip() == daemon.name
     info = daemon.python_info()
-    assert comm == daemon.name
     if PYPY_INSTALLED:
         assert exe.startswith("pypy"), exe
         assert info["implementation"] == "PyPy"
-        assert "runtime: PyPy" in daemon.log_text()
-        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        assert f"PYPY_GC_NURSERY={NURSERY}".encode() in environ
     else:
         assert exe.startswith("python"), exe
         assert info["implementation"] == "CPython"
 
 
 @pytest.mark.kernel
-def test_the_cpython_runtime_still_captures_exactly(tmp_path: Path) -> None:
-    """HOPWATCH_RUNTIME=cpython: the same daemon on the interpreter it was started with."""
-    d = Daemon(tmp_path, name="hw_cpython", env={"HOPWATCH_RUNTIME": "cpython"})
+@pytest.mark.parametrize("runtime_name", ["CPython", "PyPy"])
+def test_each_runtime_captures_exactly(tmp_path: Path, runtime_name: str) -> None:
+    """The same traffic, exactly counted, by a daemon on each interpreter. PyPy: its own
+    environment's `hopwatch`, which restarts itself once to size the GC nursery (same pid,
+    same name)."""
+    if runtime_name == "PyPy":
+        assert PYPY_HOPWATCH.exists(), "`make setup` builds .venv-pypy (pypy3 from apt)"
+        d = Daemon(tmp_path, name="hw_rt_pypy", exe=str(PYPY_HOPWATCH))
+    else:
+        d = Daemon(tmp_path, name="hw_rt_cpython", env={"HOPWATCH_RUNTIME": "cpython"})
     try:
-        assert os.path.basename(os.readlink(f"/proc/{d.proc.pid}/exe")).startswith("python")
-        assert d.python_info()["implementation"] == "CPython"
+        pid = d.proc.pid
+        exe = os.path.basename(os.readlink(f"/proc/{pid}/exe"))
+        assert exe.startswith("pypy" if runtime_name == "PyPy" else "python"), exe
+        assert Path(f"/proc/{pid}/comm").read_text().strip() == d.name
+        assert d.python_info()["implementation"] == runtime_name
+        if runtime_name == "PyPy":
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            assert f"PYPY_GC_NURSERY={NURSERY}".encode() in environ
         port = free_port()
         srv = named(tmp_path, "t_rt_srv", SYSTEM_PYTHON)
         cli = named(tmp_path, "t_rt_cli", SYSTEM_PYTHON)
@@ -144,14 +156,28 @@ def test_the_cpython_runtime_still_captures_exactly(tmp_path: Path) -> None:
                     f"traceparent: {TP}",
                 ]
             )
+            run(
+                [
+                    cli,
+                    str(PEERS / "h1_client.py"),
+                    "127.0.0.1",
+                    str(port),
+                    "3",
+                    "traceparent: 00-bad",
+                ]
+            )
             delta = d.settle() - before
         assert counts(delta, "t_rt_cli") == {
             ("outbound", "request", "http1", "w3c"): 7,
-            ("inbound", "response", "http1", "none"): 7,
+            ("outbound", "request", "http1", "none"): 3,
+            ("inbound", "response", "http1", "none"): 10,
         }
         assert counts(delta, "t_rt_srv") == {
             ("inbound", "request", "http1", "w3c"): 7,
-            ("outbound", "response", "http1", "none"): 7,
+            ("inbound", "request", "http1", "none"): 3,
+            ("outbound", "response", "http1", "none"): 10,
         }
+        malformed = delta.series("hopwatch_findings_total", finding="malformed", process="t_rt_cli")
+        assert sum(malformed.values()) == 3, malformed
     finally:
         assert d.stop() == 0, d.log_text()

@@ -102,14 +102,12 @@ def test_unit_essentials() -> None:
         "ProtectClock",
         "ProtectHostname",
         "LockPersonality",
+        "MemoryDenyWriteExecute",
         "RestrictRealtime",
         "RestrictSUIDSGID",
         "RestrictNamespaces",
     ):
         assert one(unit, key) == "yes", key
-    # PyPy's JIT writes machine code (the runtime `make install` sets up by default);
-    # install.sh writes "yes" for RUNTIME=cpython (test_install_cpython_runtime_denies_wx).
-    assert one(unit, "MemoryDenyWriteExecute") == "no"
     assert one(unit, "ProtectSystem") == "strict"
     assert one(unit, "SystemCallArchitectures") == "native"
     assert set(words(unit, "RestrictAddressFamilies")) == {"AF_UNIX", "AF_INET", "AF_INET6"}
@@ -224,16 +222,8 @@ def test_install_layout(installed: Installed) -> None:
     assert res.stdout == "", f"installed files refer to the checkout:\n{res.stdout}"
     bpf_source = list(venv.glob("lib/python3*/site-packages/hopwatch/bpf/capture.c"))
     assert bpf_source, "the eBPF source is not in the installed package"
-    # The daemon's runtime: PyPy, linked where `hopwatch run` looks (runtime.py).
-    pypy_venv = installed.prefix / "venv-pypy"
-    assert (venv / "hopwatch-pypy").resolve() == (pypy_venv / "bin/hopwatch").resolve()
-    assert list(pypy_venv.glob("lib/pypy3*/site-packages/hopwatch/bpf/capture.c"))
-    res = subprocess.run(
-        ["grep", "-rlI", "--exclude=*.pyc", str(REPO), str(pypy_venv)],
-        capture_output=True,
-        text=True,
-    )
-    assert res.stdout == "", f"installed files refer to the checkout:\n{res.stdout}"
+    # The daemon's runtime by default: CPython, no PyPy link (runtime.py).
+    assert not (venv / "hopwatch-pypy").exists()
 
     def reinstall(runtime: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -251,19 +241,33 @@ def test_install_layout(installed: Installed) -> None:
             timeout=600,
         )
 
-    # Running it again is idempotent and keeps an edited config. RUNTIME=cpython: no link,
-    # and the unit denies writable+executable memory (no JIT to need it).
+    # Running it again is idempotent and keeps an edited config. RUNTIME=pypy: a PyPy venv
+    # from the same wheel, linked where `hopwatch run` looks, and a unit that allows the
+    # writable+executable memory its JIT needs.
     cfg = installed.confdir / "config.toml"
     cfg.write_text(cfg.read_text() + "\n# edited by the operator\n")
-    res = reinstall("cpython")
-    assert res.returncode == 0, res.stderr
-    assert "kept" in res.stdout and cfg.read_text().endswith("# edited by the operator\n")
-    assert not (venv / "hopwatch-pypy").exists()
-    assert one(parse_unit(installed.unit), "MemoryDenyWriteExecute") == "yes"
-    # And back (the tests below run the default install).
     res = reinstall("pypy")
     assert res.returncode == 0, res.stderr
-    assert (venv / "hopwatch-pypy").exists()
+    assert "kept" in res.stdout and cfg.read_text().endswith("# edited by the operator\n")
+    pypy_venv = installed.prefix / "venv-pypy"
+    assert (venv / "hopwatch-pypy").resolve() == (pypy_venv / "bin/hopwatch").resolve()
+    assert list(pypy_venv.glob("lib/pypy3*/site-packages/hopwatch/bpf/capture.c"))
+    res = subprocess.run(
+        ["grep", "-rlI", "--exclude=*.pyc", str(REPO), str(pypy_venv)],
+        capture_output=True,
+        text=True,
+    )
+    assert res.stdout == "", f"installed files refer to the checkout:\n{res.stdout}"
+    assert one(parse_unit(installed.unit), "MemoryDenyWriteExecute") == "no"
+    env = {**os.environ, "HOPWATCH_RUNTIME": "pypy"}
+    res = subprocess.run(
+        [str(venv / "hopwatch-pypy"), "config", "check", str(cfg)], env=env, capture_output=True
+    )
+    assert res.returncode == 0, res.stderr
+    # And back (the tests below run the default install).
+    res = reinstall("cpython")
+    assert res.returncode == 0, res.stderr
+    assert not (venv / "hopwatch-pypy").exists()
     assert installed.unit.read_text() == expected
     res = reinstall("graalpy")
     assert res.returncode == 2 and "RUNTIME must be pypy or cpython" in res.stderr
