@@ -197,8 +197,8 @@ def warmup_lines(st: dict[str, Any]) -> list[str]:
     if not wu:
         return []
     return [
-        f"Before it, the same load for {wu['seconds']:g} s (warm-up, measured apart: PyPy's JIT "
-        f"compiles then): {wu['client_requests_counted']:.0f} / {wu['completed']} client "
+        f"Before it, the same load for {wu['seconds']:g} s (warm-up, measured apart: on PyPy the "
+        f"JIT compiles then): {wu['client_requests_counted']:.0f} / {wu['completed']} client "
         f"requests counted, {wu['cpu_us_per_message']:.2f} µs of daemon CPU per message.",
         "",
     ]
