@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parents[1]
 VENV = REPO / ".venv"
-HOPWATCH = Path(os.environ.get("HOPWATCH_EXE") or VENV / "bin" / "hopwatch")
+HOPWATCH = VENV / "bin" / "hopwatch"
 SITE_PACKAGES = next((VENV / "lib").glob("python3*/site-packages"), None)
 SYSTEM_PYTHON = "/usr/bin/python3"
 
