@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from hopwatch import conntrack
 from hopwatch.capture._types import ConnOpened, SockAddr
 from hopwatch.conntrack import Connection, ConnectionTable
 from hopwatch.procfs import ProcessInfo, ProcFS
@@ -512,6 +513,13 @@ def test_memory_per_quiet_entry(tmp_path: Path):
 # quiet connections (opened, no data yet)
 
 
+@pytest.fixture(params=[False, True], ids=["int", "tuple"])
+def packing(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """Both packings of a quiet connection: one int (CPython) and two (PyPy)."""
+    monkeypatch.setattr(conntrack, "PYPY", request.param)
+    return bool(request.param)
+
+
 @pytest.mark.parametrize(
     "peer",
     [
@@ -521,10 +529,11 @@ def test_memory_per_quiet_entry(tmp_path: Path):
         pytest.param(None, id="no-peer"),
     ],
 )
-def test_quiet_connection_wakes_on_first_data(fake: Path, peer: SockAddr | None):
+def test_quiet_connection_wakes_on_first_data(fake: Path, peer: SockAddr | None, packing: bool):
     t = table(fake)
     t.open_quiet(opened(7, 4, role="server", peer=peer, ts=10**18 + 5))
     assert len(t) == 1 and (7, 4) in t and (7, 5) not in t
+    assert type(t._quiet[7][4]) is (tuple if packing else int)
     conn = t.get_or_adopt(7, 4, 10**18 + 9)
     assert conn is not None and conn.origin == "opened" and conn.role == "server"
     want = None if peer is None else SockAddr(
@@ -542,7 +551,7 @@ def test_quiet_connection_wakes_on_first_data(fake: Path, peer: SockAddr | None)
     assert t.counters()["opened"] == 1
 
 
-def test_quiet_connection_close_exit_and_name_of_a_gone_process(fake: Path):
+def test_quiet_connection_close_exit_and_name_of_a_gone_process(fake: Path, packing: bool):
     t = table(fake)
     t.open_quiet(opened(7, 4))
     assert t.close(7, 4) is None  # nothing to finish: it never carried data
@@ -557,14 +566,14 @@ def test_quiet_connection_close_exit_and_name_of_a_gone_process(fake: Path):
     assert conn is not None and conn.process.comm == "short-lived"
 
 
-def test_open_on_a_quiet_fd_replaces_it(fake: Path):
+def test_open_on_a_quiet_fd_replaces_it(fake: Path, packing: bool):
     t = table(fake)
     t.open_quiet(opened(7, 4, ts=1))
     conn = t.open(opened(7, 4, role="server", ts=2))
     assert len(t) == 1 and t.get(7, 4) is conn and t.counters()["replaced"] == 1
 
 
-def test_quiet_connections_are_bounded_and_expire(fake: Path):
+def test_quiet_connections_are_bounded_and_expire(fake: Path, packing: bool):
     drops: list[tuple[int, str]] = []
     t = table(fake, max_entries=3, on_drop=lambda c, why: drops.append((c.fd, why)))
     t.open(opened(8, 10, ts=1))  # a Connection, least recently used

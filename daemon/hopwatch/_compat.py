@@ -7,6 +7,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+PYPY = sys.implementation.name == "pypy"
+
 # `@dataclass(**SLOTS)`: slots where dataclasses offer them (CPython >= 3.10, where they
 # save ~100 B per connection object); PyPy's instances are compact without.
 SLOTS: dict[str, Any] = {"slots": True} if sys.version_info >= (3, 10) else {}

@@ -50,11 +50,12 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Union
 
 from hopwatch.capture._types import ConnOpened, SockAddr
 from hopwatch.procfs import Lookup, ProcessInfo, ProcFS, SocketFd, TcpSocket, normalize_addr
 
-from ._compat import SLOTS
+from ._compat import PYPY, SLOTS
 
 __all__ = ["Connection", "ConnectionTable", "DropReason", "Identity", "IdentityFn"]
 
@@ -141,10 +142,10 @@ class ConnectionTable:
         self._conns: OrderedDict[tuple[int, int], Connection] = OrderedDict()
         # tgid -> {fd: None} (dicts: a set costs ~3x the memory per entry)
         self._by_tgid: dict[int, dict[int, None]] = {}
-        # Opened, no data yet (``open_quiet``): tgid -> {fd: packed open event}, one int
-        # each instead of a Connection (~120 bytes instead of ~420: most of 100k
+        # Opened, no data yet (``open_quiet``): tgid -> {fd: packed open event} (`_pack`),
+        # a few words instead of a Connection (~120 bytes instead of ~420: most of 100k
         # keep-alive connections never carry data while we watch).
-        self._quiet: dict[int, dict[int, int]] = {}
+        self._quiet: dict[int, dict[int, Packed]] = {}
         self._quiet_count = 0
         self._quiet_names: dict[int, ProcessInfo] = {}  # tgid -> identity at its opens
         # tgid -> {fd: expiry_ns}; the whole map is bounded by max_negative entries.
@@ -250,7 +251,7 @@ class ConnectionTable:
         self._counters["opened"] += 1
         self._bound()
 
-    def _take_quiet(self, tgid: int, fd: int) -> int | None:
+    def _take_quiet(self, tgid: int, fd: int) -> Packed | None:
         quiet = self._quiet.get(tgid)
         if quiet is None:
             return None
@@ -279,7 +280,7 @@ class ConnectionTable:
             self._insert(conn)
         return conn
 
-    def _unpack(self, tgid: int, fd: int, packed: int) -> Connection:
+    def _unpack(self, tgid: int, fd: int, packed: Packed) -> Connection:
         role, peer, ts_ns = _unpack(packed)
         return Connection(
             tgid=tgid,
@@ -459,7 +460,7 @@ class ConnectionTable:
             quiet = self._quiet[tgid]
             while quiet:  # per process in open order: the oldest first
                 fd, packed = next(iter(quiet.items()))
-                if packed >> _TS_SHIFT > cutoff:
+                if _opened_ns(packed) > cutoff:
                     break
                 conn = self._pop_quiet(tgid, fd)  # drops the process's dict once empty
                 assert conn is not None
@@ -587,14 +588,19 @@ def _same_addr(a: SockAddr, b: SockAddr) -> bool:
         return a.host == b.host
 
 
-# A quiet connection packed into one int: ts_ns << _TS_SHIFT | address << 20 | port << 4 |
-# v6 << 2 | role code. Ints are compact objects; a Connection with its SockAddr is not.
+# A quiet connection packed: its open time and the rest (address << 20 | port << 4 |
+# v6 << 3 | has-peer << 2 | role code). Ints are compact objects; a Connection with its
+# SockAddr is not. On CPython one int, ts_ns << _TS_SHIFT | rest (~56 B for IPv4). PyPy
+# stores a ~210-bit int as a list of digits (~5x that) but a tuple of two ints unboxed in
+# one small object, so there it is (ts_ns, rest).
 _TS_SHIFT = 148
+_REST = (1 << _TS_SHIFT) - 1
 _ROLES = ("", "client", "server")
+Packed = Union[int, "tuple[int, int]"]
 
 
-def _pack(ev: ConnOpened) -> int | None:
-    """The open event as one int; None when it does not fit (then a Connection is made)."""
+def _pack(ev: ConnOpened) -> Packed | None:
+    """The open event packed; None when it does not fit (then a Connection is made)."""
     try:
         role = _ROLES.index(ev.role)
     except ValueError:
@@ -608,17 +614,26 @@ def _pack(ev: ConnOpened) -> int | None:
             return None
         addr, port, v6 = int.from_bytes(raw, "big"), peer.port, int(len(raw) == 16)
     head = 0 if peer is None else 1
-    return ev.ts_ns << _TS_SHIFT | addr << 20 | port << 4 | v6 << 3 | head << 2 | role
+    rest = addr << 20 | port << 4 | v6 << 3 | head << 2 | role
+    return (ev.ts_ns, rest) if PYPY else ev.ts_ns << _TS_SHIFT | rest
 
 
-def _unpack(packed: int) -> tuple[str, SockAddr | None, int]:
-    role = _ROLES[packed & 3]
+def _opened_ns(packed: Packed) -> int:
+    return packed[0] if type(packed) is tuple else packed >> _TS_SHIFT  # type: ignore[operator]
+
+
+def _unpack(packed: Packed) -> tuple[str, SockAddr | None, int]:
+    if type(packed) is tuple:
+        ts_ns, rest = packed
+    else:
+        ts_ns, rest = packed >> _TS_SHIFT, packed & _REST  # type: ignore[operator]
+    role = _ROLES[rest & 3]
     peer = None
-    if packed >> 2 & 1:
-        v6 = packed >> 3 & 1
-        port = packed >> 4 & 0xFFFF
-        addr = packed >> 20 & ((1 << 128) - 1)
+    if rest >> 2 & 1:
+        v6 = rest >> 3 & 1
+        port = rest >> 4 & 0xFFFF
+        addr = rest >> 20 & ((1 << 128) - 1)
         family = socket.AF_INET6 if v6 else socket.AF_INET
         host = socket.inet_ntop(family, addr.to_bytes(16 if v6 else 4, "big"))
         peer = SockAddr(family, host, port)
-    return role, peer, packed >> _TS_SHIFT
+    return role, peer, ts_ns

@@ -17,6 +17,7 @@ from typing import Any
 
 from prometheus_client import PlatformCollector, start_http_server
 
+from hopwatch._compat import PYPY
 from hopwatch.audit import AuditError, AuditLog
 from hopwatch.capture._types import DataChunk
 from hopwatch.capture.live import trim_heap
@@ -163,6 +164,37 @@ class _FindingTee:
                 log.exception("finding sink %r failed", sink)
 
 
+class _WarmUp(threading.Thread):
+    """``hopwatch.warmup`` in a thread; the result is logged by whoever joins it (while
+    bcc compiles, stderr is captured, so the thread itself stays quiet)."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(name="hopwatch-warm-up", daemon=True)
+        self.config = config
+        self.records = 0
+        self.seconds = 0.0
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        from hopwatch.warmup import warm_up
+
+        started = time.monotonic()
+        try:
+            self.records = warm_up(self.config)
+        except Exception as exc:  # a warm-up that fails costs speed, never the daemon
+            self.error = exc
+        self.seconds = time.monotonic() - started
+
+    def finish(self) -> None:
+        self.join()
+        if self.error is not None:
+            log.error("warm-up failed (the JIT compiles on live traffic instead)",
+                      exc_info=self.error)
+        else:
+            log.info("warm-up: the JIT compiled the analysis path on %d synthetic records "
+                     "in %.1fs", self.records, self.seconds)
+
+
 class StartupError(RuntimeError):
     """The daemon cannot start; the message says why and how to fix it."""
 
@@ -239,6 +271,11 @@ class Daemon:
                 conn_max=max(1024, min(self.config.max_connections, 1 << 20)),
             )
         )
+        # PyPy: the JIT compiles the analysis path on synthetic traffic while bcc compiles
+        # the programs (ctypes releases the interpreter lock), before anything attaches.
+        warm = _WarmUp(self.config) if PYPY else None
+        if warm is not None:
+            warm.start()
         try:
             capture.open()
             if settings.include_pids or settings.exclude_pids:
@@ -252,6 +289,9 @@ class Daemon:
         except KernelError as exc:
             capture.close()
             raise StartupError(str(exc)) from exc
+        finally:
+            if warm is not None:
+                warm.finish()
         self.capture = capture
         cfg = self.config
         if cfg.audit_log:
@@ -266,17 +306,7 @@ class Daemon:
             except AuditError as exc:
                 self.capture.close()
                 raise StartupError(f"audit log: {exc}") from exc
-        sinks = tuple(s for s in (self.audit, *self._finding_sinks) if s is not None)
-        sink = sinks[0] if len(sinks) == 1 else _FindingTee(sinks) if sinks else None
-        self.hops = HopAnalyzer(cfg, self.metrics, sink)
-        self.pipeline = Pipeline(
-            cfg,
-            self.metrics,
-            self.conns,
-            control=self.capture,
-            observers=(*self._observers, self.hops),
-            audit=self.audit,
-        )
+        self.wire(capture)
         # Sockets that existed before we started (keep-alive connections).
         adopted = 0
         for conn in self.conns.scan_existing():
@@ -300,6 +330,21 @@ class Daemon:
         self.notifier.ready(f"capturing; metrics on {self.config.metrics_addr}")
         if self._on_ready is not None:
             self._on_ready()
+
+    def wire(self, capture: Any) -> None:
+        """The analysis (pipeline, hop analysis, finding sinks) around ``capture``."""
+        self.capture = capture
+        sinks = tuple(s for s in (self.audit, *self._finding_sinks) if s is not None)
+        sink = sinks[0] if len(sinks) == 1 else _FindingTee(sinks) if sinks else None
+        self.hops = HopAnalyzer(self.config, self.metrics, sink)
+        self.pipeline = Pipeline(
+            self.config,
+            self.metrics,
+            self.conns,
+            control=capture,
+            observers=(*self._observers, self.hops),
+            audit=self.audit,
+        )
 
     def _stats(self) -> Mapping[str, float | Mapping[str, float]]:
         out: dict[str, float | Mapping[str, float]] = {}

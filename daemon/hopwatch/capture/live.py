@@ -283,7 +283,7 @@ class _TlsMark:
     ssl: int
 
 
-_COMPILER_LIBS = ("libLLVM", "libclang")
+_COMPILER_LIBS = ("libLLVM", "libclang", "libpypy")
 _MAPPING = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) (\S+) \S+ \S+ \S+\s*(.*)$")
 MADV_DONTNEED = 4
 
