@@ -135,6 +135,9 @@ def main() -> int:
         res["rss_anon_open_mib"] = rss_mib(d.proc.pid, "RssAnon")
         res["rss_file_open_mib"] = rss_mib(d.proc.pid, "RssFile")
         res["hwm_mib"] = rss_mib(d.proc.pid, "VmHWM")
+        # Idle HTTP/1 connections give up their parser after 5 s (checked every 5 s).
+        time.sleep(12)
+        res["rss_open_rested_mib"] = rss_mib(d.proc.pid)
         res["tracked_sockets_expected"] = sockets
         res["requests_sent"] = sum(len(range(0, per_client, args.active_every)) for _ in clients)
         for c in clients:
@@ -186,6 +189,8 @@ def main() -> int:
         f"| daemon RSS, all connections open | **{res['rss_open_mib']:.0f} MiB** |",
         f"| of which anonymous / file pages | {res['rss_anon_open_mib']:.0f} / "
         f"{res['rss_file_open_mib']:.0f} MiB |",
+        f"| daemon RSS, all open, 12 s later (idle HTTP/1 connections at rest) | "
+        f"{res['rss_open_rested_mib']:.0f} MiB |",
         f"| daemon peak RSS (VmHWM) | {res['hwm_closed_mib']:.0f} MiB |",
         f"| daemon RSS after they closed | {res['rss_closed_mib']:.0f} MiB |",
         f"| connection table (userspace) | {o['connections_tracked']:.0f} |",

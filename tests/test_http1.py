@@ -1167,3 +1167,84 @@ def test_gaps_inside_bodies_keep_sync(data: st.DataObject, count: int) -> None:
             got += lossy.receive_gap(C, b - a)
         got += lossy.receive_data(C, body[b:])
     assert [fmt(e) for e in got if not isinstance(e, BodySkipped)] == expected
+
+
+# --------------------------------------------------------------------- at rest
+
+REST_CASES: list[tuple[str, list[Step], bool]] = [
+    ("fresh", [], True),
+    ("exchange", [(C, req("GET / HTTP/1.1", "Host: a")), (S, resp("200 OK", "Content-Length: 0"))],
+     True),
+    ("response-until-close", [(C, req()), (S, resp("200 OK", body=b"abc"))], False),
+    ("exchange-with-bodies", [
+        (C, req("POST /p HTTP/1.1", "Content-Length: 3", body=b"abc")),
+        (S, resp("200 OK", "Content-Length: 2", body=b"ok")),
+    ], True),
+    ("head-request", [(C, req("HEAD / HTTP/1.1")), (S, resp("200 OK", "Content-Length: 9"))], True),
+    ("request-waiting", [(C, req("GET / HTTP/1.1"))], False),
+    ("half-a-head", [(C, b"GET / HTTP/1.1\r\nHost: a\r\n")], False),
+    ("in-a-body", [(C, req("POST / HTTP/1.1", "Content-Length: 10", body=b"abc"))], False),
+    ("in-a-chunked-response", [
+        (C, req()), (S, resp("200 OK", "Transfer-Encoding: chunked", body=b"5\r\nab")),
+    ], False),
+    ("interim-response-only", [(C, req()), (S, resp("100 Continue"))], False),
+    ("desynced", [(C, req()), (S, resp("200 OK", "Content-Length: 2", body=b"ok")),
+                  ("gap", C, 7), (C, b"ET /x HT")], False),
+    ("upgraded", [(C, req("GET / HTTP/1.1", "Upgrade: websocket", "Connection: upgrade")),
+                  (S, resp("101 Switching Protocols", "Upgrade: websocket"))], False),
+    ("upgrade-asked", [(C, req("GET / HTTP/1.1", "Upgrade: h2c", "Connection: upgrade"))],
+     False),
+]
+
+
+@pytest.mark.parametrize(("steps", "rest"), [pytest.param(s, r, id=n) for n, s, r in REST_CASES])
+def test_at_rest_only_between_messages_with_nothing_held(steps: list[Step], rest: bool) -> None:
+    parser = Http1Parser()
+    play(parser, steps)
+    assert parser.at_rest is rest
+
+
+_EXCHANGES: list[list[Step]] = [
+    [(C, req("GET /a HTTP/1.1", f"traceparent: {TP}")),
+     (S, resp("200 OK", "Content-Length: 2", body=b"ok"))],
+    [(C, req("POST /b HTTP/1.1", "Content-Length: 4", body=b"abcd")),
+     (S, resp("201 Created", "Transfer-Encoding: chunked", body=b"3\r\nabc\r\n0\r\n\r\n"))],
+    [(C, req("HEAD /c HTTP/1.1")), (S, resp("200 OK", "Content-Length: 99"))],
+    [(C, req("GET /d HTTP/1.1", "Expect: 100-continue")), (S, resp("100 Continue")),
+     (S, resp("204 No Content"))],
+    # a body the kernel skipped (the daemon asked it to)
+    [(C, req("GET /e HTTP/1.1")), (S, resp("200 OK", "Content-Length: 10", body=b"ab")),
+     ("skip", S, 8)],
+]
+
+
+@settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    picks=st.lists(st.integers(0, len(_EXCHANGES) - 1), min_size=1, max_size=8),
+    cuts=st.lists(st.integers(1, 40), min_size=1, max_size=30),
+)
+def test_a_parser_at_rest_can_be_replaced_by_a_new_one(picks: list[int], cuts: list[int]) -> None:
+    """Whatever the exchanges and however they are split: swapping in a new parser at every
+    point where the old one is at rest gives the same events as keeping one parser."""
+    steps: list[Step] = []
+    cut = itertools.cycle(cuts)
+    for i in picks:
+        for step in _EXCHANGES[i]:
+            if step[0] == "skip":
+                steps.append(step)
+                continue
+            origin, data = step
+            assert isinstance(data, bytes)
+            pos = 0
+            while pos < len(data):
+                n = next(cut)
+                steps.append((origin, data[pos : pos + n]))
+                pos += n
+    whole = [fmt(ev) for ev in play(Http1Parser(), steps)]
+    parser, swapped, rests = Http1Parser(), [], 0
+    for step in steps:
+        swapped += [fmt(ev) for ev in play(parser, [step])]
+        if parser.at_rest:
+            parser, rests = Http1Parser(), rests + 1
+    assert swapped == whole
+    assert rests >= len(picks)  # at least after every exchange

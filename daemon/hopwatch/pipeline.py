@@ -113,6 +113,25 @@ class _ConnState:
         # own bytes (ciphertext) never reach it.
         self.tls = tls
 
+    def rest(self) -> _Resting | None:
+        """What a connection at rest keeps instead (None when it is not at rest)."""
+        if not self.parser.at_rest:
+            return None
+        return (self.next_offset[0], self.next_offset[1], self.tls)
+
+    @classmethod
+    def woken(cls, resting: _Resting) -> _ConnState:
+        state = cls(resting[2])
+        state.parser = ConnectionParser.http1()
+        state.next_offset = [resting[0], resting[1]]
+        return state
+
+
+# An HTTP/1 connection at rest (between messages, nothing held, idle for a while): its
+# parser is given up, and only (next send offset, next receive offset, tls) is kept: ~100
+# bytes instead of ~1.2 KB (~2.6 KB on PyPy). Most of 100k keep-alive connections rest.
+_Resting = tuple[int, int, bool]
+
 
 class Pipeline:
     def __init__(
@@ -202,6 +221,19 @@ class Pipeline:
         for ev in events:
             self.handle(ev)
 
+    def rest_idle(self, cutoff_ns: int) -> int:
+        """Connections without traffic since ``cutoff_ns`` that are at rest give up their
+        parser (see `_Resting`); returns how many did."""
+        rested = 0
+        for conn in self.conns.idle_since(cutoff_ns):
+            state = conn.state
+            if isinstance(state, _ConnState):
+                resting = state.rest()
+                if resting is not None:
+                    conn.state = resting
+                    rested += 1
+        return rested
+
     def connection_dropped(self, conn: Connection, reason: object = None) -> None:
         """The table let go of a connection (replaced, evicted): finish its parser."""
         self._eof(conn)
@@ -243,7 +275,9 @@ class Pipeline:
                 return
             state = conn.state = _ConnState(chunk.tls)
         elif not isinstance(state, _ConnState):
-            return
+            if type(state) is not tuple:
+                return  # _EXCLUDED
+            state = conn.state = _ConnState.woken(state)
         if state.tls != chunk.tls:
             if not chunk.tls:
                 self.tls_ciphertext_chunks += 1  # a TLS socket's own bytes: never parsed

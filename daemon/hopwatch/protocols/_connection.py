@@ -89,6 +89,20 @@ class ConnectionParser:
         # opaque; an attribute set where those change (read twice per chunk).
         self.done = False
 
+    @classmethod
+    def http1(cls) -> ConnectionParser:
+        """A parser for a connection already known to speak HTTP/1 (one woken from rest)."""
+        parser = cls()
+        parser.protocol = "http1"
+        parser._use(Http1Parser())
+        return parser
+
+    @property
+    def at_rest(self) -> bool:
+        """HTTP/1 between messages with nothing held (see `Http1Parser.at_rest`)."""
+        h1 = self._h1
+        return h1 is not None and not self.done and h1.at_rest
+
     @property
     def not_http(self) -> bool:
         return self.protocol == "none"

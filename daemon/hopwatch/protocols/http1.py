@@ -304,6 +304,11 @@ class _Side:
         self.l_mode = False
 
 
+def _side_at_rest(side: _Side) -> bool:
+    # IDLE: no head, body or resync in progress (the head fields are reset when one starts).
+    return side.state == _IDLE and not side.buf and side.body_run == 0 and side.scan == 0
+
+
 class Http1Parser:
     """Passive HTTP/1.x observer of one connection (both directions). Never raises.
 
@@ -400,6 +405,17 @@ class Http1Parser:
         """The last request head that asked to upgrade (after an h2c upgrade: HTTP/2
         stream 1). Others are not kept: a parser lives as long as its connection."""
         return self._last_request
+
+    @property
+    def at_rest(self) -> bool:
+        """Between messages with nothing held: a new parser would carry on the same (an
+        idle keep-alive connection can give this one up and take a new one later)."""
+        return (
+            not self._pending
+            and self._last_request is None
+            and _side_at_rest(self._client)
+            and _side_at_rest(self._server)
+        )
 
     @property
     def switched(self) -> bool:

@@ -1,0 +1,111 @@
+"""The pipeline's per-connection state: idle HTTP/1 connections rest (give up their parser)
+and wake with their stream offsets intact."""
+
+from __future__ import annotations
+
+import socket
+
+from hopwatch.capture._types import ConnClosed, ConnOpened, DataChunk, Direction, SockAddr
+from hopwatch.config import Config
+from hopwatch.conntrack import ConnectionTable
+from hopwatch.metrics import Metrics
+from hopwatch.pipeline import Observation, Pipeline, _ConnState
+
+TGID = 4_000_000  # no such process: the identity comes from the event
+PEER = SockAddr(socket.AF_INET, "10.0.0.5", 40000)
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+TP = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+REQ = b"GET /x HTTP/1.1\r\nHost: api.local\r\ntraceparent: " + TP + b"\r\n\r\n"
+RESP = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+S = 10**9
+
+
+class Server:
+    """One server connection fed by hand, its offsets kept like the kernel's."""
+
+    def __init__(self, fd: int = 7) -> None:
+        self.metrics = Metrics()
+        self.seen: list[Observation] = []
+        self.table = ConnectionTable()
+        self.pipe = Pipeline(Config(), self.metrics, self.table, observers=(self.seen.append,))
+        self.fd = fd
+        self.offset = {Direction.RECV: 0, Direction.SEND: 0}
+        self.pipe.handle(ConnOpened(TGID, TGID, fd, "server", PEER, 1, comm="api"))
+
+    def chunk(self, d: Direction, data: bytes, ts_ns: int, *, lost: int = 0) -> None:
+        self.offset[d] += lost
+        self.pipe.handle(
+            DataChunk(TGID, TGID, self.fd, d, ts_ns, len(data), data, comm="api",
+                      offset=self.offset[d], role="server")
+        )
+        self.offset[d] += len(data)
+
+    def exchange(self, ts_ns: int) -> None:
+        self.chunk(Direction.RECV, REQ, ts_ns)
+        self.chunk(Direction.SEND, RESP, ts_ns + 1)
+
+    @property
+    def state(self) -> object:
+        conn = self.table.get(TGID, self.fd)
+        assert conn is not None
+        return conn.state
+
+    def count(self, name: str, **labels: str) -> float:
+        return self.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def test_an_idle_connection_rests_and_wakes_with_its_offsets() -> None:
+    srv = Server()
+    for i in range(3):
+        srv.exchange(i * S)
+    assert isinstance(srv.state, _ConnState)
+    assert srv.pipe.rest_idle(cutoff_ns=10 * S) == 1
+    assert srv.state == (len(RESP) * 3, len(REQ) * 3, False)  # (send, recv) offsets, not TLS
+    assert srv.pipe.rest_idle(cutoff_ns=10 * S) == 0  # resting already
+    for i in range(2):
+        srv.exchange((20 + i) * S)
+    assert isinstance(srv.state, _ConnState)
+    assert [o.message.is_request for o in srv.seen] == [True, False] * 5
+    labels = {"direction": "inbound", "protocol": "http1", "process": "api"}
+    assert srv.count("hopwatch_http_messages_total", kind="request", context="w3c", **labels) == 5
+    assert srv.count("hopwatch_http_messages_total", kind="response", context="none",
+                     direction="outbound", protocol="http1", process="api") == 5
+    # The offsets survived the rest: bytes lost after it are seen as a gap.
+    srv.pipe.rest_idle(cutoff_ns=30 * S)
+    srv.chunk(Direction.RECV, REQ, 40 * S, lost=100)
+    assert srv.count("hopwatch_stream_gap_bytes_total") == 100
+    assert srv.count("hopwatch_parse_errors_total") == 0
+
+
+def test_only_connections_idle_since_the_cutoff_rest() -> None:
+    srv = Server()
+    srv.exchange(5 * S)
+    assert srv.pipe.rest_idle(cutoff_ns=4 * S) == 0
+    assert isinstance(srv.state, _ConnState)
+    assert srv.pipe.rest_idle(cutoff_ns=6 * S) == 1
+
+
+def test_connections_in_a_message_or_not_http1_keep_their_parser() -> None:
+    mid_body = Server(fd=7)
+    mid_body.chunk(Direction.RECV, b"POST /u HTTP/1.1\r\nContent-Length: 100\r\n\r\nabc", S)
+    waiting = Server(fd=8)
+    waiting.chunk(Direction.RECV, REQ, S)  # the response has not come yet
+    h2 = Server(fd=9)
+    h2.chunk(Direction.RECV, PREFACE + bytes.fromhex("000000040000000000"), S)
+    for srv in (mid_body, waiting, h2):
+        assert srv.pipe.rest_idle(cutoff_ns=10 * S) == 0
+        assert isinstance(srv.state, _ConnState)
+    # The body goes on where it was: no desync, one request.
+    mid_body.chunk(Direction.RECV, b"x" * 97, 11 * S)
+    mid_body.chunk(Direction.SEND, RESP, 11 * S)
+    assert [o.message.is_request for o in mid_body.seen] == [True, False]
+    assert mid_body.count("hopwatch_stream_desyncs_total") == 0
+
+
+def test_a_resting_connection_closes_quietly() -> None:
+    srv = Server()
+    srv.exchange(S)
+    srv.pipe.rest_idle(cutoff_ns=10 * S)
+    srv.pipe.handle(ConnClosed(TGID, srv.fd, 11 * S))
+    assert (TGID, srv.fd) not in srv.table and len(srv.seen) == 2
+    assert srv.count("hopwatch_parse_errors_total") == 0
