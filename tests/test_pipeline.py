@@ -109,3 +109,22 @@ def test_a_resting_connection_closes_quietly() -> None:
     srv.pipe.handle(ConnClosed(TGID, srv.fd, 11 * S))
     assert (TGID, srv.fd) not in srv.table and len(srv.seen) == 2
     assert srv.count("hopwatch_parse_errors_total") == 0
+
+
+def test_the_rest_sweep_visits_connections_with_a_parser_only_and_forgets_closed_ones() -> None:
+    srv = Server(fd=7)  # opened, never used: no parser, never visited
+    for fd in range(100, 1100):  # opened, one exchange, closed
+        srv.fd, srv.offset = fd, {Direction.RECV: 0, Direction.SEND: 0}
+        srv.pipe.handle(ConnOpened(TGID, TGID, fd, "server", PEER, 1, comm="api"))
+        srv.exchange(2 * S)
+        srv.pipe.handle(ConnClosed(TGID, fd, 3 * S))
+    assert srv.pipe._awake == {}
+    h2 = Server(fd=9)
+    h2.chunk(Direction.RECV, PREFACE + bytes.fromhex("000000040000000000"), S)
+    not_http = Server(fd=10)
+    not_http.chunk(Direction.RECV, b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(40), S)
+    for srv in (h2, not_http):
+        assert len(srv.pipe._awake) == 1
+        assert srv.pipe.rest_idle(cutoff_ns=10 * S) == 0
+    assert len(h2.pipe._awake) == 1  # HTTP/2 never rests: asked again next time
+    assert not_http.pipe._awake == {}  # nothing more to parse: not asked again

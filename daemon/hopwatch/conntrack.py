@@ -294,14 +294,6 @@ class ConnectionTable:
             origin="opened",
         )
 
-    def idle_since(self, cutoff_ns: int) -> Iterator[Connection]:
-        """Tracked connections (not quiet ones) without traffic since ``cutoff_ns``, the
-        least recently used first. Do not add or remove connections while iterating."""
-        for conn in self._conns.values():
-            if conn.last_seen_ns > cutoff_ns:
-                return
-            yield conn
-
     def close(self, tgid: int, fd: int) -> Connection | None:
         """close() seen: the removed connection, or None when the fd was not tracked (or
         was quiet: opened with ``open_quiet`` and no data since)."""

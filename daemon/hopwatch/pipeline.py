@@ -161,6 +161,8 @@ class Pipeline:
         self._chunk_children: list[tuple[Any, Any] | None] = [None, None]
         self._message_children: dict[tuple[str, str, str, str, str], Any] = {}
         self.tls_ciphertext_chunks = 0  # socket bytes of TLS connections kept from the parsers
+        # Connections that have a parser (a `_ConnState`), for `rest_idle`.
+        self._awake: dict[tuple[int, int], Connection] = {}
 
     @property
     def config(self) -> Config:
@@ -222,16 +224,23 @@ class Pipeline:
             self.handle(ev)
 
     def rest_idle(self, cutoff_ns: int) -> int:
-        """Connections without traffic since ``cutoff_ns`` that are at rest give up their
-        parser (see `_Resting`); returns how many did."""
+        """Connections with a parser and without traffic since ``cutoff_ns`` that are at
+        rest give it up (see `_Resting`); returns how many did."""
         rested = 0
-        for conn in self.conns.idle_since(cutoff_ns):
+        awake = self._awake
+        for key, conn in list(awake.items()):
+            if conn.last_seen_ns > cutoff_ns:
+                continue
             state = conn.state
             if isinstance(state, _ConnState):
                 resting = state.rest()
-                if resting is not None:
+                if resting is None:
+                    if not state.parser.done:
+                        continue  # in a message, HTTP/2: asked again next time
+                else:
                     conn.state = resting
                     rested += 1
+            del awake[key]  # resting, or nothing more to parse
         return rested
 
     def connection_dropped(self, conn: Connection, reason: object = None) -> None:
@@ -239,6 +248,9 @@ class Pipeline:
         self._eof(conn)
 
     def _eof(self, conn: Connection) -> None:
+        key = (conn.tgid, conn.fd)
+        if self._awake.get(key) is conn:
+            del self._awake[key]
         state = conn.state
         if isinstance(state, _ConnState):
             for origin in (Origin.CLIENT, Origin.SERVER):
@@ -274,10 +286,12 @@ class Pipeline:
                     self.control.ignore(chunk.tgid, chunk.fd, as_of_ns=chunk.ts_ns)
                 return
             state = conn.state = _ConnState(chunk.tls)
+            self._awake[(conn.tgid, conn.fd)] = conn
         elif not isinstance(state, _ConnState):
             if type(state) is not tuple:
                 return  # _EXCLUDED
             state = conn.state = _ConnState.woken(state)
+            self._awake[(conn.tgid, conn.fd)] = conn
         if state.tls != chunk.tls:
             if not chunk.tls:
                 self.tls_ciphertext_chunks += 1  # a TLS socket's own bytes: never parsed

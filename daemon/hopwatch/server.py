@@ -175,7 +175,7 @@ class _WarmUp(threading.Thread):
     def __init__(self, config: Config) -> None:
         super().__init__(name="hopwatch-warm-up", daemon=True)
         self.config = config
-        self.records = 0
+        self.result: Any = None  # hopwatch.warmup.WarmUp
         self.seconds = 0.0
         self.error: BaseException | None = None
 
@@ -184,7 +184,7 @@ class _WarmUp(threading.Thread):
 
         started = time.monotonic()
         try:
-            self.records = warm_up(self.config)
+            self.result = warm_up(self.config)
         except Exception as exc:  # a warm-up that fails costs speed, never the daemon
             self.error = exc
         self.seconds = time.monotonic() - started
@@ -195,8 +195,10 @@ class _WarmUp(threading.Thread):
             log.error("warm-up failed (the JIT compiles on live traffic instead)",
                       exc_info=self.error)
         else:
+            r = self.result
             log.info("warm-up: the JIT compiled the analysis path on %d synthetic records "
-                     "in %.1fs", self.records, self.seconds)
+                     "(%d messages, %d findings) in %.1fs", r.records, r.messages, r.findings,
+                     self.seconds)
 
 
 class StartupError(RuntimeError):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import gc
 import socket
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from hpack import Encoder
@@ -30,7 +31,7 @@ from hopwatch.capture import live
 from hopwatch.capture.live import CaptureConfig, LiveCapture, trim_heap
 from hopwatch.config import Config
 
-__all__ = ["warm_up"]
+__all__ = ["WarmUp", "warm_up"]
 
 _FIRST_TGID = (1 << 22) + 1000  # above any pid_max: no /proc entry can match
 _TRACEPARENT = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
@@ -177,14 +178,28 @@ def _storm_round(r: _Records, n: int) -> None:
     r.exit(short)
 
 
-def warm_up(config: Config, *, seconds: float = 4.0, max_records: int = 150_000) -> int:
+@dataclass
+class WarmUp:
+    """What a warm-up ran: ring records, and what the throwaway daemon made of them."""
+
+    records: int = 0
+    messages: int = 0  # HTTP messages counted
+    findings: int = 0  # per-message and hop findings
+    faults: int = 0  # parse errors, desyncs, gap bytes, unknown-fd chunks: 0 when in step
+
+
+def _total(registry: Any, *names: str) -> int:
+    return int(sum(s.value for m in registry.collect() for s in m.samples if s.name in names))
+
+
+def warm_up(config: Config, *, seconds: float = 4.0, max_records: int = 150_000) -> WarmUp:
     """Run the analysis path over synthetic traffic for about ``seconds`` (at most
-    ``max_records`` ring records); returns the records processed."""
+    ``max_records`` ring records, in batches of ~2,000)."""
     from hopwatch.server import Daemon
 
     started = time.monotonic()
     daemon = Daemon(config, serve_metrics=False)
-    capture = _WarmCapture(CaptureConfig())
+    capture = LiveCapture(CaptureConfig())
     daemon.wire(capture)
     done = n = 0
     rounds = (_http1_round, _http1_round, _http1_round, _http2_round, _storm_round)
@@ -198,20 +213,20 @@ def warm_up(config: Config, *, seconds: float = 4.0, max_records: int = 150_000)
             capture._raw = batch[i : i + capture.config.batch_records]
             daemon.process(capture._drain())
         done += len(batch)
-    del daemon, capture
+    registry = daemon.metrics.registry
+    result = WarmUp(
+        records=done,
+        messages=_total(registry, "hopwatch_http_messages_total"),
+        findings=_total(registry, "hopwatch_findings_total"),
+        faults=_total(
+            registry,
+            "hopwatch_parse_errors_total",
+            "hopwatch_stream_desyncs_total",
+            "hopwatch_stream_gap_bytes_total",
+            "hopwatch_unknown_fd_chunks_total",
+        ),
+    )
+    del daemon, capture, registry
     gc.collect()
     trim_heap()
-    return done
-
-
-class _WarmCapture(LiveCapture):
-    """The live capture, never opened, with its kernel-side controls made no-ops."""
-
-    def set_skip_until(self, *_args: Any, **_kw: Any) -> bool:
-        return True
-
-    def ignore(self, *_args: Any, **_kw: Any) -> None:
-        return None
-
-    def adopt(self, *_args: Any, **_kw: Any) -> bool:
-        return False
+    return result

@@ -770,8 +770,8 @@ class LiveCapture:
         if ctl is not None:
             return ctl
         fds = self._by_tgid.get(tgid)
-        if fds is None or fd not in fds:
-            return None
+        if fds is None or fd not in fds or self._bpf is None:
+            return None  # unknown, or a capture that is not open (hopwatch.warmup)
         # The connection's cookie, from the kernel map (once per connection with a control:
         # keeping every cookie here would cost ~200 bytes per tracked connection).
         try:
@@ -814,8 +814,10 @@ class LiveCapture:
 
     def ignore(self, tgid: int, fd: int, *, as_of_ns: int) -> None:
         """Stop copying this fd (tracked or not) and stop unknown-fd notices for it.
-        ``as_of_ns`` as for :meth:`set_skip_until`."""
-        bpf = self._require()
+        ``as_of_ns`` as for :meth:`set_skip_until`. Nothing when the capture is not open."""
+        bpf = self._bpf
+        if bpf is None:
+            return
         ctl = self._ctl_for(tgid, fd, as_of_ns)
         if ctl is not None:
             ctl.flags |= CTL_IGNORE
