@@ -194,6 +194,9 @@ class _Sink:
 
     handle_event = handle
 
+    def rest_idle(self, cutoff_ns: int) -> int:
+        return 0
+
 
 def _run_loop(flood: _Flood, seconds: float) -> ServerDaemon:
     d = ServerDaemon(Config())
