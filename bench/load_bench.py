@@ -138,7 +138,9 @@ def steady(
     return res
 
 
-def saturation(tmp: Path, port: int, wrk_exe: str, rounds: int, seconds: int) -> dict[str, Any]:
+def saturation(
+    tmp: Path, port: int, wrk_exe: str, rounds: int, seconds: int, warmup: int
+) -> dict[str, Any]:
     without: list[dict[str, float]] = []
     with_: list[dict[str, Any]] = []
     for r in range(rounds):
@@ -150,6 +152,11 @@ def saturation(tmp: Path, port: int, wrk_exe: str, rounds: int, seconds: int) ->
         sub.mkdir()
         d = Daemon(sub, name="hw_load")
         try:
+            if warmup:
+                # A daemon that has run a while, as on a node (PyPy's JIT compiles the live
+                # paths in its first seconds of traffic): not measured.
+                wrk(wrk_exe, port, warmup, 32)
+                d.settle(timeout=60)
             before = d.settle()
             cpu0 = cpu_seconds(d.proc.pid)
             w = wrk(wrk_exe, port, seconds, 32)
@@ -181,6 +188,7 @@ def saturation(tmp: Path, port: int, wrk_exe: str, rounds: int, seconds: int) ->
     return {
         "rounds": rounds,
         "seconds": seconds,
+        "warmup": warmup,
         "without": without,
         "with": with_,
         "rps_without": rps_without,
@@ -245,8 +253,9 @@ def report(st: dict[str, Any], sat: dict[str, Any]) -> str:
         "## (b) Saturation",
         "",
         f"`wrk -t1 -c32 -d{sat['seconds']}s -H traceparent:...` against the same nginx, "
-        f"{sat['rounds']} rounds, each without and with the daemon (started fresh), the "
-        "order alternating (ABBA: odd rounds run the daemon first).",
+        f"{sat['rounds']} rounds, each without and with the daemon (started fresh, then "
+        f"{sat['warmup']} s of the same load not measured), the order alternating (ABBA: odd "
+        "rounds run the daemon first).",
         "",
         "| round | req/s without | req/s with | ratio | daemon CPU s | RSS MiB (peak) | "
         "client requests counted | nginx requests counted | lost by reason | gap bytes | "
@@ -284,6 +293,9 @@ def main() -> int:
     ap.add_argument("--warmup", type=float, default=5, help="seconds of load before (a)")
     ap.add_argument("--rounds", type=int, default=6)  # rounds move by ±0.1 on this VM
     ap.add_argument("--wrk-seconds", type=int, default=10)
+    ap.add_argument(
+        "--wrk-warmup", type=int, default=5, help="seconds of wrk before each measured round"
+    )
     ap.add_argument("--out", default=str(BENCH / "RESULTS-load.md"))
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="hw-load-"))
@@ -295,7 +307,7 @@ def main() -> int:
         with server(nginx_args(tmp, "lb_nginx", f"127.0.0.1:{port}", KEEPALIVE), port):
             st = steady(tmp, port, pacer_exe, args.rate, args.seconds, args.warmup)
             print(json.dumps(st), flush=True)
-            sat = saturation(tmp, port, wrk_exe, args.rounds, args.wrk_seconds)
+            sat = saturation(tmp, port, wrk_exe, args.rounds, args.wrk_seconds, args.wrk_warmup)
             print(json.dumps(sat), flush=True)
         Path(args.out).write_text(report(st, sat))
         print(f"wrote {args.out}")
