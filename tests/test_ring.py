@@ -19,6 +19,7 @@ import pytest
 
 from hopwatch.capture import _ring
 from hopwatch.capture._ring import Ring
+from hopwatch.capture.live import LiveCapture
 
 PAGE = mmap.PAGESIZE
 SIZE = PAGE  # the smallest ring: one page of data
@@ -203,3 +204,43 @@ def test_the_consumer_position_is_never_seen_half_written(
     out, _ = watcher.communicate(timeout=30)
     assert watcher.returncode == 0, out
     assert p.consumer == stop_at
+
+
+def test_consumed_counts_the_ring_bytes_read(ring: tuple[Ring, FakeProducer]) -> None:
+    r, p = ring
+    for rec in (b"a", b"x" * 13):
+        p.put(rec)
+    assert r.consumed() == 0
+    r.read(1)
+    assert r.consumed() == 16
+    r.read(1)
+    assert r.consumed() == 16 + 24 == p.consumer
+
+
+def test_waiting_records_are_the_backlog_over_the_average_record(
+    ring: tuple[Ring, FakeProducer],
+) -> None:
+    r, p = ring
+    cap = LiveCapture()
+    cap._ring = r  # the reader of an open capture, without the kernel
+    try:
+        p.put(b"x" * 24)
+        assert cap.waiting_records() == 0  # nothing read yet: no average to go by
+        for _ in range(3):
+            p.put(b"x" * 24)  # 32 ring bytes each, header included
+        cap.records_read += len(r.read(2))
+        assert cap.waiting_records() == 2
+        p.put(b"y" * 56)  # a larger record counts as more than one average one
+        assert cap.waiting_records() == 4
+        cap.records_read += len(r.read(10))
+        assert cap.waiting_records() == 0
+    finally:
+        cap._ring = None
+
+
+def test_limit_batch_bounds_each_poll_until_lifted() -> None:
+    cap = LiveCapture()
+    cap.limit_batch(512)
+    assert cap._batch == 512
+    cap.limit_batch(None)
+    assert cap._batch == cap.config.batch_records == 4096

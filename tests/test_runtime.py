@@ -102,7 +102,7 @@ def test_describe_names_this_interpreter() -> None:
 
 # -- the real daemon ------------------------------------------------------------------------
 PYPY_INSTALLED = (VENV / PYPY_LINK).exists()  # `make setup RUNTIME=pypy`
-PYPY_HOPWATCH = REPO / ".venv-pypy" / "bin" / "hopwatch"  # built by every `make setup`
+PYPY_HOPWATCH = REPO / ".venv-pypy" / "bin" / "hopwatch"  # built by `make test`
 
 
 @pytest.mark.kernel
@@ -128,7 +128,7 @@ def test_each_runtime_captures_exactly(tmp_path: Path, runtime_name: str) -> Non
     environment's `hopwatch`, which restarts itself once to size the GC nursery (same pid,
     same name)."""
     if runtime_name == "PyPy":
-        assert PYPY_HOPWATCH.exists(), "`make setup` builds .venv-pypy (pypy3 from apt)"
+        assert PYPY_HOPWATCH.exists(), "`make test` builds .venv-pypy (pypy3 from apt)"
         d = Daemon(tmp_path, name="hw_rt_pypy", exe=str(PYPY_HOPWATCH))
     else:
         d = Daemon(tmp_path, name="hw_rt_cpython", env={"HOPWATCH_RUNTIME": "cpython"})

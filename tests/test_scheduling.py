@@ -162,17 +162,32 @@ def test_overload_is_never_declared_before_the_loop_was_timed() -> None:
     assert o.update(3.0, read=10_005, shed=3_000_000, cpu_s=0.251)
 
 
+def test_overload_counts_the_ring_filling_before_anything_is_shed() -> None:
+    o = Overload(factor=2.0, window_s=0.5)
+    o.update(0.0, read=0, shed=0, cpu_s=0.0, waiting=0)
+    assert not o.update(1.0, read=20_000, shed=0, cpu_s=0.5, waiting=0)  # 40,000 per CPU s
+    # The onset of a flood: flat out, the loop reads 40,000 while the ring grows by 60,000
+    # records; nothing is shed yet (the ring is not full).
+    assert o.update(2.0, read=60_000, shed=0, cpu_s=1.5, waiting=60_000)
+    assert o.arrivals == pytest.approx(100_000)
+    # Afterwards the loop drains the ring: 40,000 read, 40,000 fewer waiting, none arrived.
+    assert not o.update(3.0, read=100_000, shed=0, cpu_s=2.5, waiting=20_000)
+    assert o.arrivals == pytest.approx(0)
+
+
 class _Flood:
     """A capture under a steady overload, without a kernel: each poll the loop 'analyses'
     ``read`` records (burning ``cpu_s`` of CPU for them) while ``shed`` syscalls pass
     uncopied."""
 
-    def __init__(self, read: int, shed: int, cpu_s: float) -> None:
-        self.read, self.shed, self.cpu_s = read, shed, cpu_s
+    def __init__(self, read: int, shed: int, cpu_s: float, grow: int = 0) -> None:
+        self.read, self.shed, self.cpu_s, self.grow = read, shed, cpu_s, grow
+        self.waiting = 0
         self.records_read = 0
         self.shed_syscalls = 0
         self.ring_full_at = -1e9
         self.polls = 0
+        self.batch: int | None = None
 
     def poll(self, timeout_ms: int) -> list[object]:
         end = time.thread_time() + self.cpu_s
@@ -180,12 +195,20 @@ class _Flood:
             pass
         self.records_read += self.read
         self.shed_syscalls += self.shed
-        self.ring_full_at = time.monotonic()
+        self.waiting += self.grow
+        if self.shed:
+            self.ring_full_at = time.monotonic()
         self.polls += 1
         return []
 
     def lifecycle_backlog(self) -> int:
         return 0
+
+    def waiting_records(self) -> int:
+        return self.waiting
+
+    def limit_batch(self, records: int | None) -> None:
+        self.batch = records
 
 
 class _Sink:
@@ -225,6 +248,18 @@ def test_loop_far_beyond_its_capacity_keeps_to_the_cpu_budget() -> None:
     assert d.config.capture.shed_cpu_percent == 5
     assert d.shed_pause_s >= 0.5
     assert flood.polls < 40  # uncapped it would poll ~150 times in 1.5 s
+    assert flood.batch == 512  # smaller polls while far beyond: short, exact pauses
+
+
+def test_loop_yields_and_keeps_to_the_budget_while_the_ring_still_fills() -> None:
+    # Nothing shed yet, but the ring grows by 20,000 records per poll of 400: the onset of
+    # a flood. The loop need not wait for the ring to fill to stop competing.
+    flood = _Flood(read=400, shed=0, cpu_s=0.01, grow=20_000)
+    d = _run_loop(flood, 1.5)
+    assert flood.ring_full_at < 0  # never shed
+    assert d.scheduling.yields >= 1 and d.overload.active
+    assert d.shed_pause_s >= 0.5 and flood.polls < 40
+    assert flood.batch == 512
 
 
 def test_loop_just_behind_runs_uncapped_to_catch_up() -> None:

@@ -24,8 +24,12 @@ saturated by cheap requests): an idle loop still takes every CPU moment the work
 free, and on this kind of VM that costs them throughput (wrk against nginx ``return 200``,
 one interleaved run: 0.82 of the throughput without hopwatch with the loop SCHED_IDLE, 0.95
 with it stopped, which leaves only the kernel's share). :class:`Overload` tells that
-case apart: the data syscalls arriving (those read plus those shed) against the records the
-loop analyses per CPU second. While they arrive at more than ``factor`` times what one full
+case apart: the data syscalls arriving (those read, those shed, and the growth of what waits
+in the ring) against the records the loop analyses per CPU second. Counting the ring's
+growth tells an overload from its onset, while the ring still fills: before that counted,
+the loop ran flat out, as an ordinary thread, for as long as the ring took to fill and for
+a window after (~0.6 s of CPU at each onset of the benchmark's overload, taken from the
+workloads just when they needed it). While they arrive at more than ``factor`` times what one full
 CPU of the loop could take, the loop would see only a sample anyway, so it keeps to a CPU
 budget (``[capture] shed_cpu_percent``); below that it runs at full speed and catches up (a
 budget there would keep a loop that is only a little behind from ever catching up).
@@ -172,8 +176,9 @@ def budget_pause(cpu_used_s: float, percent: int, cap_s: float = 1.0) -> float:
 class Overload:
     """Is the traffic beyond ``factor`` times what the analysis loop can take on one CPU?
 
-    Fed after each loop iteration with running totals: records read from the ring, data
-    syscalls the kernel shed, the loop thread's CPU seconds. Decides once per ``window_s``.
+    Fed after each loop iteration with running totals (records read from the ring, data
+    syscalls the kernel shed, the loop thread's CPU seconds) and the records waiting in the
+    ring now. Decides once per ``window_s``.
     """
 
     def __init__(self, factor: float = 2.0, window_s: float = 0.25) -> None:
@@ -181,13 +186,14 @@ class Overload:
         self.window_s = window_s
         self.active = False
         self.capacity = 0.0  # records the loop analyses per CPU second (smoothed)
-        self.arrivals = 0.0  # records read + syscalls shed, per second, last window
+        self.arrivals = 0.0  # records read + syscalls shed + ring growth, per second
         self._t0: float | None = None
-        self._read0 = self._shed0 = 0
+        self._read0 = self._shed0 = self._waiting0 = 0
         self._cpu0 = 0.0
 
-    def update(self, now: float, read: int, shed: int, cpu_s: float) -> bool:
-        """The totals as of ``now`` (monotonic seconds); returns :attr:`active`."""
+    def update(self, now: float, read: int, shed: int, cpu_s: float, waiting: int = 0) -> bool:
+        """The totals as of ``now`` (monotonic seconds) and the records ``waiting`` in the
+        ring; returns :attr:`active`."""
         t0 = self._t0
         if t0 is not None and now - t0 < self.window_s:
             return self.active
@@ -197,7 +203,9 @@ class Overload:
             if d_read > 0 and d_cpu >= 0.01:  # enough work to time the loop
                 speed = d_read / d_cpu
                 self.capacity = speed if not self.capacity else 0.7 * self.capacity + 0.3 * speed
-            self.arrivals = (d_read + shed - self._shed0) / (now - t0)
+            grown = waiting - self._waiting0
+            self.arrivals = (d_read + shed - self._shed0 + grown) / (now - t0)
             self.active = self.capacity > 0 and self.arrivals > self.factor * self.capacity
         self._t0, self._read0, self._shed0, self._cpu0 = now, read, shed, cpu_s
+        self._waiting0 = waiting
         return self.active

@@ -94,6 +94,10 @@ class Ring:
         """Bytes committed or reserved and not read yet."""
         return int(self._prod_pos[0] - self._cons_pos[0])
 
+    def consumed(self) -> int:
+        """Bytes read so far (records, their headers and padding), since the ring's start."""
+        return int(self._cons_pos[0])
+
     def wait(self, timeout_ms: int) -> None:
         """Sleep until the kernel wakes readers (or ``timeout_ms`` passes)."""
         self._epoll.poll(max(timeout_ms, 0) / 1000.0, 1)

@@ -492,6 +492,23 @@ class LiveCapture:
         except (AttributeError, ValueError):  # closed meanwhile
             return None
 
+    def waiting_records(self) -> int:
+        """About how many records wait in the ring: its backlog over the ring bytes an
+        average record has taken so far. 0 with libbpf's reader (it cannot tell), when
+        closed, and before the first record."""
+        ring = self._ring
+        if ring is None or not self.records_read:
+            return 0
+        try:
+            consumed, pending = ring.consumed(), ring.pending()
+        except (AttributeError, ValueError):  # closed meanwhile
+            return 0
+        return pending * self.records_read // consumed if consumed > 0 else 0
+
+    def limit_batch(self, records: int | None) -> None:
+        """Read at most ``records`` per poll from now on (None: ``batch_records`` again)."""
+        self._batch = max(1, records or self.config.batch_records)
+
     @property
     def is_open(self) -> bool:
         return self._bpf is not None
