@@ -18,6 +18,7 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parents[1]
+PEERS = REPO / "tests" / "peers"  # the peer programs the kernel tests run
 VENV = REPO / ".venv"
 HOPWATCH = VENV / "bin" / "hopwatch"
 SITE_PACKAGES = next((VENV / "lib").glob("python3*/site-packages"), None)
@@ -273,7 +274,7 @@ def python_env() -> dict[str, str]:
     """Environment for a named system-Python peer that needs the venv's packages."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(SITE_PACKAGES) if SITE_PACKAGES else "", str(REPO / "tests" / "peers")) if p
+        p for p in (str(SITE_PACKAGES) if SITE_PACKAGES else "", str(PEERS)) if p
     )
     env["PYTHONUNBUFFERED"] = "1"
     return env

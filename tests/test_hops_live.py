@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from tests.helpers import (
+    PEERS,
     REPO,
     SYSTEM_PYTHON,
     Daemon,
@@ -37,7 +38,6 @@ from tests.helpers import (
     veth_namespace,
 )
 
-PEERS = REPO / "tests" / "peers"
 TRACE = "0af7651916cd43dd8448eb211c80319c"
 TP = f"00-{TRACE}-b7ad6b7169203331-01"
 TP_BAD = f"00-{TRACE.upper()}-b7ad6b7169203331-01"  # uppercase hex: malformed

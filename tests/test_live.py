@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import (
-    REPO,
+    PEERS,
     SYSTEM_PYTHON,
     Daemon,
     Delta,
@@ -31,7 +31,6 @@ from tests.helpers import (
 
 pytestmark = pytest.mark.kernel
 
-PEERS = REPO / "tests" / "peers"
 TP = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 B3 = "0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-1"
 FIND = "hopwatch_findings_total"

@@ -39,6 +39,7 @@ from hopwatch.cli import app
 from hopwatch.config import Config
 from tests.helpers import (
     HOPWATCH,
+    PEERS,
     REPO,
     SYSTEM_PYTHON,
     Daemon,
@@ -669,7 +670,6 @@ def test_pcap_error_is_raised_by_the_source(tmp_path: Path) -> None:
 # -- real traffic: tcpdump and the live daemon see the same thing --------------------------
 
 PEER = FIXTURES / "pcap" / "replay_peers.py"
-PEERS = REPO / "tests" / "peers"
 MSG = "hopwatch_http_messages_total"
 FIND = "hopwatch_findings_total"
 

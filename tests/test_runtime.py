@@ -9,9 +9,19 @@ import pytest
 
 from hopwatch import runtime
 from hopwatch.runtime import NURSERY, PYPY_LINK, RuntimeChoiceError, exec_plan
-from tests.helpers import REPO, SYSTEM_PYTHON, VENV, Daemon, counts, free_port, named, run, server
+from tests.helpers import (
+    PEERS,
+    REPO,
+    SYSTEM_PYTHON,
+    VENV,
+    Daemon,
+    counts,
+    free_port,
+    named,
+    run,
+    server,
+)
 
-PEERS = REPO / "tests" / "peers"
 TP = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
 

@@ -27,7 +27,7 @@ from hopwatch.propagation import Limits, check_message
 from hopwatch.protocols._events import MessageParsed, Origin
 from hopwatch.tls import SslFinder, elf_info
 from tests.helpers import (
-    REPO,
+    PEERS,
     SYSTEM_PYTHON,
     Daemon,
     Delta,
@@ -40,7 +40,6 @@ from tests.helpers import (
     server,
 )
 
-PEERS = REPO / "tests" / "peers"
 TP = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 B3 = "0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-1"
 FIND = "hopwatch_findings_total"

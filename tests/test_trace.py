@@ -46,9 +46,8 @@ from hopwatch.trace import (
     render_tree,
     report_json,
 )
-from tests.helpers import HOPWATCH, REPO, SYSTEM_PYTHON, free_port, named, nginx_args, server
+from tests.helpers import HOPWATCH, PEERS, SYSTEM_PYTHON, free_port, named, nginx_args, server
 
-PEERS = REPO / "tests" / "peers"
 LO = "127.0.0.1"
 
 
