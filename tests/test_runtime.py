@@ -110,6 +110,33 @@ def test_describe_names_this_interpreter() -> None:
     assert runtime.describe() == f"CPython {platform.python_version()}"
 
 
+# -- set-up: `make run` on CPython needs no PyPy; `make test` does, 3.9 or later ---------------
+def test_make_run_on_cpython_never_builds_the_pypy_environment(tmp_path: Path) -> None:
+    elsewhere = tmp_path / "venv-pypy"
+    dry = ["make", "-n", "-C", str(REPO), f"PYPY_VENV={elsewhere}"]
+    assert str(elsewhere) not in run([*dry, "run", "RUNTIME=cpython"]).stdout
+    assert f"-m venv {elsewhere}" in run([*dry, "test"]).stdout  # the tests run both
+    assert f"-m venv {elsewhere}" in run([*dry, "run", "RUNTIME=pypy"]).stdout
+
+
+def test_a_pypy_older_than_3_9_is_refused_with_its_version(tmp_path: Path) -> None:
+    venv = tmp_path / "venv-pypy"  # as Ubuntu 22.04's pypy3 (3.8) would make it
+    (venv / "bin").mkdir(parents=True)
+    fake = venv / "bin" / "python"
+    fake.write_text(
+        "#!/bin/sh\ncase \"$*\" in *version_info*) exit 1;; *python_version*) echo 3.8.16;;"
+        " *) echo \"ran: $*\" >&2; exit 3;; esac\n"
+    )
+    fake.chmod(0o755)
+    res = run(
+        ["make", "-C", str(REPO), f"PYPY_VENV={venv}", f"{venv}/.installed"], check=False
+    )
+    assert res.returncode != 0
+    assert "is Python 3.8.16: the daemon needs 3.9 or later" in res.stderr
+    assert "ran:" not in res.stderr  # nothing installed into it
+    assert not (venv / ".installed").exists()
+
+
 # -- the real daemon ------------------------------------------------------------------------
 PYPY_INSTALLED = (VENV / PYPY_LINK).exists()  # `make setup RUNTIME=pypy`
 PYPY_HOPWATCH = REPO / ".venv-pypy" / "bin" / "hopwatch"  # built by `make test`
