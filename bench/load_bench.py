@@ -160,12 +160,14 @@ def saturation(
             before = d.settle()
             cpu0 = cpu_seconds(d.proc.pid)
             w = wrk(wrk_exe, port, seconds, 32)
+            cpu_wrk = cpu_seconds(d.proc.pid) - cpu0  # while the load lasted
             after = d.settle(timeout=60)
             delta = after - before
             with_.append(
                 {
                     **w,
-                    "cpu_s": cpu_seconds(d.proc.pid) - cpu0,
+                    "cpu_wrk_s": cpu_wrk,
+                    "cpu_s": cpu_seconds(d.proc.pid) - cpu0,  # and the drain after it
                     "rss_mib": rss_mib(d.proc.pid),
                     "hwm_mib": rss_mib(d.proc.pid, "VmHWM"),
                     "client_requests_counted": msgs(
@@ -257,7 +259,8 @@ def report(st: dict[str, Any], sat: dict[str, Any]) -> str:
         f"{sat['warmup']} s of the same load not measured), the order alternating (ABBA: odd "
         "rounds run the daemon first).",
         "",
-        "| round | req/s without | req/s with | ratio | daemon CPU s | RSS MiB (peak) | "
+        "| round | req/s without | req/s with | ratio | daemon CPU s during wrk (with the "
+        "drain after) | RSS MiB (peak) | "
         "client requests counted | nginx requests counted | lost by reason | gap bytes | "
         "desyncs |",
         "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
@@ -266,7 +269,8 @@ def report(st: dict[str, Any], sat: dict[str, Any]) -> str:
         zip(sat["rps_without"], sat["rps_with"], sat["with"], strict=True)
     ):
         lines.append(
-            f"| {i + 1} | {a:.0f} | {b:.0f} | {b / a:.3f} | {x['cpu_s']:.1f} | "
+            f"| {i + 1} | {a:.0f} | {b:.0f} | {b / a:.3f} | {x['cpu_wrk_s']:.2f} "
+            f"({x['cpu_s']:.1f}) | "
             f"{x['rss_mib']:.0f} ({x['hwm_mib']:.0f}) | {x['client_requests_counted']:.0f} / "
             f"{x['requests']:.0f} | {x['server_requests_counted']:.0f} | {x['lost'] or 'none'} | "
             f"{x['gap_bytes']:.0f} | {x['desyncs']:.0f} |"
