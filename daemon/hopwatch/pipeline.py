@@ -235,12 +235,15 @@ class Pipeline:
             if isinstance(state, _ConnState):
                 resting = state.rest()
                 if resting is None:
-                    if not state.parser.done:
-                        continue  # in a message, HTTP/2: asked again next time
+                    parser = state.parser
+                    if not parser.done and parser.protocol != "http2":
+                        continue  # in a message (or not sniffed yet): asked again next time
                 else:
                     conn.state = resting
                     rested += 1
-            del awake[key]  # resting, or nothing more to parse
+            # Resting, nothing more to parse, or HTTP/2, which never rests (its HPACK tables
+            # are state): not visited again.
+            del awake[key]
         return rested
 
     def connection_dropped(self, conn: Connection, reason: object = None) -> None:
@@ -299,6 +302,7 @@ class Pipeline:
             # The connection turned out to be TLS (or started TLS after a CONNECT): the
             # plaintext gets a parser of its own, in its own offset space.
             state = conn.state = _ConnState(tls=True)
+            self._awake[(conn.tgid, conn.fd)] = conn
         parser = state.parser
         if parser.done:
             return
