@@ -140,10 +140,10 @@ def test_overload_needs_arrivals_beyond_twice_what_the_loop_takes() -> None:
     # Keeping up: 20,000 records/s read in 0.5 s of CPU per s -> 40,000 per CPU second.
     assert not o.update(1.0, read=20_000, shed=0, cpu_s=0.5)
     assert o.capacity == pytest.approx(40_000) and o.arrivals == pytest.approx(20_000)
-    # Shedding, but only a little beyond a whole CPU's worth (70,000/s < 2 x 40,000): a loop
-    # just behind must keep running at full speed to catch up.
+    # Shedding, but only a little (30,000/s unread < 2 x 40,000): a loop just behind must
+    # keep running at full speed to catch up.
     assert not o.update(2.0, read=60_000, shed=30_000, cpu_s=1.5)
-    assert o.arrivals == pytest.approx(70_000)
+    assert o.arrivals == pytest.approx(70_000) and o.unread == pytest.approx(30_000)
     # Far beyond: 10,000 read + 500,000 shed in a second.
     assert o.update(3.0, read=70_000, shed=530_000, cpu_s=1.75)
     assert o.capacity == pytest.approx(40_000)
@@ -166,12 +166,16 @@ def test_overload_counts_the_ring_filling_before_anything_is_shed() -> None:
     o = Overload(factor=2.0, window_s=0.5)
     o.update(0.0, read=0, shed=0, cpu_s=0.0, waiting=0)
     assert not o.update(1.0, read=20_000, shed=0, cpu_s=0.5, waiting=0)  # 40,000 per CPU s
-    # The onset of a flood: flat out, the loop reads 40,000 while the ring grows by 60,000
+    # The loop stalls for a second (a slow phase) under a load it can take: everything that
+    # arrives waits, 40,000 records. That is behind, not far beyond.
+    assert not o.update(2.0, read=20_000, shed=0, cpu_s=0.5, waiting=40_000)
+    assert o.unread == pytest.approx(40_000)
+    # The onset of a flood: flat out, the loop reads 40,000 while the ring grows by 200,000
     # records; nothing is shed yet (the ring is not full).
-    assert o.update(2.0, read=60_000, shed=0, cpu_s=1.5, waiting=60_000)
-    assert o.arrivals == pytest.approx(100_000)
+    assert o.update(3.0, read=60_000, shed=0, cpu_s=1.5, waiting=240_000)
+    assert o.arrivals == pytest.approx(240_000) and o.unread == pytest.approx(200_000)
     # Afterwards the loop drains the ring: 40,000 read, 40,000 fewer waiting, none arrived.
-    assert not o.update(3.0, read=100_000, shed=0, cpu_s=2.5, waiting=20_000)
+    assert not o.update(4.0, read=100_000, shed=0, cpu_s=2.5, waiting=200_000)
     assert o.arrivals == pytest.approx(0)
 
 

@@ -24,13 +24,16 @@ saturated by cheap requests): an idle loop still takes every CPU moment the work
 free, and on this kind of VM that costs them throughput (wrk against nginx ``return 200``,
 one interleaved run: 0.82 of the throughput without hopwatch with the loop SCHED_IDLE, 0.95
 with it stopped, which leaves only the kernel's share). :class:`Overload` tells that
-case apart: the data syscalls arriving (those read, those shed, and the growth of what waits
-in the ring) against the records the loop analyses per CPU second. Counting the ring's
-growth tells an overload from its onset, while the ring still fills: before that counted,
-the loop ran flat out, as an ordinary thread, for as long as the ring took to fill and for
-a window after (~0.6 s of CPU at each onset of the benchmark's overload, taken from the
-workloads just when they needed it). While they arrive at more than ``factor`` times what one full
-CPU of the loop could take, the loop would see only a sample anyway, so it keeps to a CPU
+case apart: the data syscalls that arrive and go unread (shed by the kernel, or left to wait
+in a ring that grows) against the records the loop analyses per CPU second. Counting the
+ring's growth tells an overload from its onset, while the ring still fills: before that
+counted, the loop ran flat out, as an ordinary thread, for as long as the ring took to fill
+and for a window after (~0.6 s of CPU at each onset of the benchmark's overload, taken from
+the workloads just when they needed it). Counting what goes unread rather than all that
+arrives keeps a loop that is only a little behind out of it: at 10,000 req/s, where the loop
+needs about a whole CPU, a pause of the loop lets the ring grow by at most what arrives, never
+by twice what the loop can take. While more than ``factor`` times what one full CPU of the
+loop could take goes unread, the loop would see only a sample anyway, so it keeps to a CPU
 budget (``[capture] shed_cpu_percent``); below that it runs at full speed and catches up (a
 budget there would keep a loop that is only a little behind from ever catching up).
 
@@ -187,6 +190,7 @@ class Overload:
         self.active = False
         self.capacity = 0.0  # records the loop analyses per CPU second (smoothed)
         self.arrivals = 0.0  # records read + syscalls shed + ring growth, per second
+        self.unread = 0.0  # of those, the syscalls shed and the ring's growth, per second
         self._t0: float | None = None
         self._read0 = self._shed0 = self._waiting0 = 0
         self._cpu0 = 0.0
@@ -203,9 +207,9 @@ class Overload:
             if d_read > 0 and d_cpu >= 0.01:  # enough work to time the loop
                 speed = d_read / d_cpu
                 self.capacity = speed if not self.capacity else 0.7 * self.capacity + 0.3 * speed
-            grown = waiting - self._waiting0
-            self.arrivals = (d_read + shed - self._shed0 + grown) / (now - t0)
-            self.active = self.capacity > 0 and self.arrivals > self.factor * self.capacity
+            self.unread = (shed - self._shed0 + waiting - self._waiting0) / (now - t0)
+            self.arrivals = d_read / (now - t0) + self.unread
+            self.active = self.capacity > 0 and self.unread > self.factor * self.capacity
         self._t0, self._read0, self._shed0, self._cpu0 = now, read, shed, cpu_s
         self._waiting0 = waiting
         return self.active
