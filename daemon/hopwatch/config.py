@@ -200,14 +200,14 @@ class CaptureSettings:
     exclude_cgroups: tuple[int, ...] = ()
     exclude_ports: tuple[int, ...] = ()
     poll_timeout_ms: int = 100
-    # "idle": while the capture sheds (the ring is full), the analysis thread runs
-    # SCHED_IDLE (only CPU no workload wants; lifted when it starves). "normal": always an
-    # ordinary thread.
+    # "idle": while the capture sheds (the ring is full) or the traffic is far beyond the
+    # loop (below), the analysis thread runs SCHED_IDLE (only CPU no workload wants; lifted
+    # when it starves). "normal": always an ordinary thread.
     scheduling: str = "idle"
-    # While the capture sheds AND the traffic arrives at more than twice what the loop can
-    # analyse on a whole CPU (it can only see a sample then), the loop also sleeps so as to
-    # use at most this percentage of one CPU (100: no cap); what it leaves unread is shed and
-    # counted. Below twice its capacity it runs uncapped and catches up.
+    # While more than twice what the loop can analyse on a whole CPU goes unread (shed by the
+    # kernel, or piling up in the ring: it can only see a sample then), the loop also sleeps
+    # so as to use at most this percentage of one CPU (100: no cap); what it leaves unread is
+    # shed and counted. Below that it runs uncapped and catches up.
     shed_cpu_percent: int = 5
 
 
