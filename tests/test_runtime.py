@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from hopwatch import runtime
-from hopwatch.runtime import NURSERY, PYPY_LINK, RuntimeChoiceError, exec_plan
+from hopwatch.runtime import GC_ENV, PYPY_LINK, RuntimeChoiceError, exec_plan
 from tests.helpers import (
     PEERS,
     REPO,
@@ -55,14 +55,17 @@ def test_cpython_execs_the_installed_pypy_with_the_same_arguments(tmp_path: Path
     path, argv, env = got
     assert path == str(prefix / PYPY_LINK)
     assert argv == [path, "run", "--metrics-addr", "127.0.0.1:1"]
-    assert env == {"PATH": "/bin", "PYPY_GC_NURSERY": NURSERY}
+    assert env == {"PATH": "/bin", "PYPY_GC_NURSERY": "4M", "PYPY_GC_MAX_DELTA": "16MB"}
 
 
-def test_an_operators_nursery_is_kept(tmp_path: Path) -> None:
-    got = plan(
-        _venv(tmp_path, with_pypy=True), {"PYPY_GC_NURSERY": "8M", "HOPWATCH_RUNTIME": "auto"}
-    )
-    assert got is not None and got[2]["PYPY_GC_NURSERY"] == "8M"
+def test_an_operators_gc_settings_are_kept(tmp_path: Path) -> None:
+    prefix = _venv(tmp_path, with_pypy=True)
+    got = plan(prefix, {"PYPY_GC_NURSERY": "8M", "HOPWATCH_RUNTIME": "auto"})
+    assert got is not None
+    assert got[2]["PYPY_GC_NURSERY"] == "8M" and got[2]["PYPY_GC_MAX_DELTA"] == "16MB"
+    got = plan(prefix, {"PYPY_GC_MAX_DELTA": "64MB"})
+    assert got is not None
+    assert got[2]["PYPY_GC_NURSERY"] == "4M" and got[2]["PYPY_GC_MAX_DELTA"] == "64MB"
 
 
 def test_cpython_stays_without_pypy(tmp_path: Path) -> None:
@@ -84,16 +87,20 @@ def test_an_unknown_choice_is_a_clear_error(tmp_path: Path) -> None:
         plan(_venv(tmp_path, with_pypy=True), {"HOPWATCH_RUNTIME": "jython"})
 
 
-def test_pypy_restarts_itself_once_to_size_its_nursery(tmp_path: Path) -> None:
+def test_pypy_restarts_itself_once_to_size_its_gc(tmp_path: Path) -> None:
     script = tmp_path / "hw_named"
     script.write_text("#!/bin/sh\n")
     script.chmod(0o755)
     argv = [str(script), "run"]
     got = plan(tmp_path, {"A": "1"}, impl="PyPy", argv=argv)
-    # The script itself (so the process keeps its name), with the nursery set...
-    assert got == (str(script), argv, {"A": "1", "PYPY_GC_NURSERY": NURSERY})
-    # ...and once set, it goes on.
-    assert plan(tmp_path, {"PYPY_GC_NURSERY": NURSERY}, impl="PyPy", argv=argv) is None
+    # The script itself (so the process keeps its name), with the GC settings made...
+    assert got == (
+        str(script), argv, {"A": "1", "PYPY_GC_NURSERY": "4M", "PYPY_GC_MAX_DELTA": "16MB"}
+    )
+    # ...and once they are all set, it goes on; one missing is still set (once).
+    assert plan(tmp_path, dict(GC_ENV), impl="PyPy", argv=argv) is None
+    got = plan(tmp_path, {"PYPY_GC_NURSERY": "2M"}, impl="PyPy", argv=argv)
+    assert got is not None and got[2] == {"PYPY_GC_NURSERY": "2M", "PYPY_GC_MAX_DELTA": "16MB"}
     # `pypy -m hopwatch run`: argv[0] is not executable, the interpreter is.
     got = plan(tmp_path, {}, impl="PyPy", argv=[str(tmp_path / "__main__.py"), "run"])
     assert got is not None and got[1] == ["/usr/bin/python3", "-m", "hopwatch", "run"]
@@ -162,7 +169,7 @@ def test_the_session_daemon_runs_on_the_runtime_make_set_up(daemon: Daemon) -> N
 @pytest.mark.parametrize("runtime_name", ["CPython", "PyPy"])
 def test_each_runtime_captures_exactly(tmp_path: Path, runtime_name: str) -> None:
     """The same traffic, exactly counted, by a daemon on each interpreter. PyPy: its own
-    environment's `hopwatch`, which restarts itself once to size the GC nursery (same pid,
+    environment's `hopwatch`, which restarts itself once to size its GC (same pid,
     same name)."""
     if runtime_name == "PyPy":
         assert PYPY_HOPWATCH.exists(), "`make test` builds .venv-pypy (pypy3 from apt)"
@@ -177,7 +184,8 @@ def test_each_runtime_captures_exactly(tmp_path: Path, runtime_name: str) -> Non
         assert d.python_info()["implementation"] == runtime_name
         if runtime_name == "PyPy":
             environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-            assert f"PYPY_GC_NURSERY={NURSERY}".encode() in environ
+            for name, value in GC_ENV.items():
+                assert f"{name}={value}".encode() in environ
         port = free_port()
         srv = named(tmp_path, "t_rt_srv", SYSTEM_PYTHON)
         cli = named(tmp_path, "t_rt_cli", SYSTEM_PYTHON)

@@ -8,10 +8,15 @@ stay on CPython; only `hopwatch run` moves:
   put next to the venv (``<venv>/hopwatch-pypy``, a link to the PyPy environment's
   ``hopwatch``), with the same arguments, the same pid and, set again after the exec, the
   same process name (comm): systemd, `kill`, `pgrep` and the tests see one process.
-* Under PyPy it makes sure the garbage collector's nursery has a daemon's size. PyPy sizes
-  it from the CPU cache it detects, and a VM that reports a 300 MiB L3 got a nursery that
-  left the idle daemon at 310 MiB instead of ~165. The variable is read only at start, so a
-  process started without it execs itself once with it set.
+* Under PyPy it makes sure the garbage collector is sized for a daemon (``GC_ENV``):
+  - the nursery: PyPy sizes it from the CPU cache it detects, and a VM that reports a
+    300 MiB L3 got a nursery that left the idle daemon at 310 MiB instead of ~165;
+  - the growth allowed between two major collections: by default the heap may grow to
+    1.82x its size after the last one, so a connection storm left 20-40 MB of garbage
+    that sat in arenas afterwards (100,000 connections: 201-203 MiB). With at most 16 MB
+    of growth: 181-186 MiB, and the same CPU per message at 10,000 req/s.
+  PyPy reads these only at start, so a process started without them execs itself once
+  with them set. An operator's own values are kept.
 
 ``HOPWATCH_RUNTIME`` chooses: ``auto`` (the default: PyPy when installed), ``cpython``
 (stay on the interpreter that was started) or ``pypy`` (PyPy or refuse to start).
@@ -27,7 +32,7 @@ from pathlib import Path
 
 __all__ = [
     "ENV",
-    "NURSERY",
+    "GC_ENV",
     "PYPY_LINK",
     "RuntimeChoiceError",
     "describe",
@@ -39,12 +44,13 @@ __all__ = [
 ENV = "HOPWATCH_RUNTIME"
 CHOICES = ("auto", "cpython", "pypy")
 PYPY_LINK = "hopwatch-pypy"  # in the venv (sys.prefix) that runs `hopwatch` under CPython
-NURSERY_ENV = "PYPY_GC_NURSERY"
 NAME_ENV = "HOPWATCH_COMM"  # the name to take back after the exec (then removed)
 _PR_SET_NAME = 15
-# Measured at 10,000 req/s (docs/performance.md): 4 MiB used less CPU than 16 MiB and than
-# PyPy's own choice on this VM, and keeps the idle RSS near 165 MiB.
-NURSERY = "4M"
+#: PyPy's GC settings for the daemon (docs/performance.md). The nursery: at 10,000 req/s
+#: 4 MiB used less CPU than 16 MiB and than PyPy's own choice on this VM. The major
+#: collection's growth cap: 16 MB kept the heap of a 100,000-connection storm ~18 MiB
+#: smaller (8 MB measured the same) at the same CPU per message.
+GC_ENV = {"PYPY_GC_NURSERY": "4M", "PYPY_GC_MAX_DELTA": "16MB"}
 
 
 class RuntimeChoiceError(Exception):
@@ -68,9 +74,9 @@ def exec_plan(
     if implementation == "PyPy":
         if choice == "cpython":
             raise RuntimeChoiceError(f"{ENV}=cpython, but this is PyPy ({executable})")
-        if NURSERY_ENV in env:
+        if all(name in env for name in GC_ENV):
             return None
-        new_env[NURSERY_ENV] = NURSERY
+        new_env = {**GC_ENV, **env}
         script = argv[0] if argv else ""
         if script and os.path.isfile(script) and os.access(script, os.X_OK):
             # The script itself, so the process keeps its name (comm).
@@ -86,7 +92,7 @@ def exec_plan(
                 "with pypy3 installed"
             )
         return None
-    new_env.setdefault(NURSERY_ENV, NURSERY)
+    new_env = {**GC_ENV, **new_env}
     return str(link), [str(link), *argv[1:]], new_env
 
 
