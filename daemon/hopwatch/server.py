@@ -7,6 +7,7 @@ server, exit 0. SIGHUP: reload the configuration file; a bad file keeps the runn
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 import threading
@@ -324,6 +325,11 @@ class Daemon:
             self.capture.adopt(conn.tgid, conn.fd, conn.role)
             adopted += 1
         log.info("adopted %d existing inet sockets", adopted)
+        # Start-up is over: what it left (the warm-up's records, the ELF tables of the TLS
+        # scan, /proc tables) goes now, not at the first major collection, and the heap
+        # gives back what it freed. On PyPy that is ~9 MiB of the idle RSS (153 -> 143).
+        gc.collect()
+        trim_heap()
         self.metrics.registry.register(KernelStatsCollector(self._stats, _STATS_DOCS))
         # python_info{implementation="PyPy"|"CPython", version=...}: which runtime serves.
         PlatformCollector(registry=self.metrics.registry)
