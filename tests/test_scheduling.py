@@ -13,6 +13,7 @@ import pytest
 from hopwatch.config import Config
 from hopwatch.scheduling import IdleScheduling, Overload, budget_pause
 from hopwatch.server import Daemon as ServerDaemon
+from hopwatch.server import HeapSettle
 from tests.helpers import Daemon
 
 
@@ -275,3 +276,30 @@ def test_loop_just_behind_runs_uncapped_to_catch_up() -> None:
     assert not d.overload.active and d.overload.arrivals > d.overload.capacity
     assert d.shed_pause_s == 0
     assert flood.polls > 45  # ~150 with a CPU to itself; capped, < 40 (above)
+
+
+# -- the heap settles once a burst is over ---------------------------------------------------
+MiB = 1 << 20
+
+
+def test_heap_settles_once_after_a_burst_when_the_loop_is_quiet() -> None:
+    heap = HeapSettle(growth_bytes=8 * MiB, quiet_records=5_000)
+    assert not heap.due(0, 140 * MiB)  # the first check only takes the baseline
+    assert heap.baseline == 140 * MiB
+    # A storm: the heap grows while the loop reads 100,000 records: busy, not yet.
+    assert not heap.due(100_000, 190 * MiB)
+    # Quiet again (1,000 records in the interval) and 50 MiB above the baseline: due.
+    assert heap.due(101_000, 190 * MiB)
+    heap.settled(178 * MiB)
+    assert heap.settles == 1 and heap.baseline == 178 * MiB
+    # Still quiet, no new growth: nothing more to do.
+    assert not heap.due(101_500, 180 * MiB)
+    assert not heap.due(102_000, 178 * MiB + 8 * MiB)  # growth must exceed the margin
+
+
+def test_heap_baseline_follows_memory_given_back() -> None:
+    heap = HeapSettle(growth_bytes=8 * MiB, quiet_records=5_000)
+    heap.due(0, 180 * MiB)
+    assert not heap.due(10, 150 * MiB)  # connections closed, memory went back
+    assert heap.baseline == 150 * MiB
+    assert heap.due(20, 160 * MiB)  # so 10 MiB of new growth counts

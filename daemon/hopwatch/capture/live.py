@@ -298,7 +298,7 @@ def release_compiler_memory() -> int:
     ``bcc_free_memory`` does the same for a statically linked LLVM). A mapping with any
     private (anonymous) page, or any writable one, is left alone.
     """
-    before = _rss_bytes()
+    before = rss_bytes()
     trim_heap()
     targets: list[tuple[int, int]] = []
     current: list[int] | None = None
@@ -321,7 +321,7 @@ def release_compiler_memory() -> int:
     madvise.argtypes = [ct.c_void_p, ct.c_size_t, ct.c_int]
     for lo, hi in targets:
         madvise(lo, hi - lo, MADV_DONTNEED)
-    return max(0, before - _rss_bytes())
+    return max(0, before - rss_bytes())
 
 
 _LIBC = ct.CDLL(None, use_errno=True)
@@ -335,7 +335,7 @@ def trim_heap() -> None:
         pass
 
 
-def _rss_bytes() -> int:
+def rss_bytes() -> int:
     try:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
