@@ -185,8 +185,11 @@ class _Flood:
     ``read`` records (burning ``cpu_s`` of CPU for them) while ``shed`` syscalls pass
     uncopied."""
 
-    def __init__(self, read: int, shed: int, cpu_s: float, grow: int = 0) -> None:
+    def __init__(
+        self, read: int, shed: int, cpu_s: float, grow: int = 0, idle_s: float = 0.0
+    ) -> None:
         self.read, self.shed, self.cpu_s, self.grow = read, shed, cpu_s, grow
+        self.idle_s = idle_s  # waiting for records, after the work
         self.waiting = 0
         self.records_read = 0
         self.shed_syscalls = 0
@@ -204,6 +207,8 @@ class _Flood:
         if self.shed:
             self.ring_full_at = time.monotonic()
         self.polls += 1
+        if self.idle_s:
+            time.sleep(self.idle_s)
         return []
 
     def lifecycle_backlog(self) -> int:
@@ -276,6 +281,24 @@ def test_loop_just_behind_runs_uncapped_to_catch_up() -> None:
     assert not d.overload.active and d.overload.arrivals > d.overload.capacity
     assert d.shed_pause_s == 0
     assert flood.polls > 45  # ~150 with a CPU to itself; capped, < 40 (above)
+
+
+def test_busy_loop_that_keeps_up_yields_but_never_pauses() -> None:
+    # Nothing shed, the ring does not grow: the loop keeps up, but only by using a whole
+    # CPU. On a saturated node that CPU is the workloads' (PyPy kept up with wrk that way,
+    # at 0.40 of its throughput): it runs SCHED_IDLE, with no budget.
+    flood = _Flood(read=400, shed=0, cpu_s=0.01)
+    d = _run_loop(flood, 1.0)
+    assert d.scheduling.yields >= 1 and d.overload.cpu_share > 0.5
+    assert not d.overload.active and d.shed_pause_s == 0
+
+
+def test_loop_with_time_to_spare_stays_ordinary() -> None:
+    # 2 ms of work per 20 ms: a tenth of a CPU.
+    flood = _Flood(read=80, shed=0, cpu_s=0.002, idle_s=0.018)
+    d = _run_loop(flood, 1.0)
+    assert d.scheduling.yields == 0 and d.overload.cpu_share < 0.5
+    assert flood.polls > 20
 
 
 # -- the heap settles once a burst is over ---------------------------------------------------

@@ -200,9 +200,10 @@ class CaptureSettings:
     exclude_cgroups: tuple[int, ...] = ()
     exclude_ports: tuple[int, ...] = ()
     poll_timeout_ms: int = 100
-    # "idle": while the capture sheds (the ring is full) or the traffic is far beyond the
-    # loop (below), the analysis thread runs SCHED_IDLE (only CPU no workload wants; lifted
-    # when it starves). "normal": always an ordinary thread.
+    # "idle": while the capture sheds (the ring is full), the traffic is far beyond the
+    # loop (below), or the loop is busy (half a CPU or more), the analysis thread runs
+    # SCHED_IDLE (only CPU no workload wants; lifted when it starves). "normal": always an
+    # ordinary thread.
     scheduling: str = "idle"
     # While more than twice what the loop can analyse on a whole CPU goes unread (shed by the
     # kernel, or piling up in the ring: it can only see a sample then), the loop also sleeps

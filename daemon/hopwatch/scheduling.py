@@ -2,14 +2,19 @@
 
 Theory of operation
 -------------------
-While the analysis loop keeps up with the traffic it is an ordinary thread: every message
-is seen. Once it falls behind, the ring buffer fills and the kernel copies nothing more,
-counting every syscall it lets pass (``events_lost_total{reason="ring_full"}``) at the cost
-of a few lookups per syscall. From then on a loop that keeps competing for CPU only makes the
-workloads slower without seeing more of them: the node is saturated. So while the capture
-sheds, the loop runs under ``SCHED_IDLE``: the kernel gives it only CPU time that no ordinary
-thread wants, and any waking workload thread preempts it at once (a low ``nice`` value does
-not: the running task keeps its slice). When the shedding stops, it is ordinary again.
+While the analysis loop keeps up with the traffic using less than half a CPU it is an
+ordinary thread: every message is seen. A loop that keeps up only by using more than that
+runs ``SCHED_IDLE`` (the caller decides, per iteration): on a saturated node that CPU is the
+workloads' (a PyPy loop kept up with wrk against nginx by taking a whole CPU, and wrk ran at
+0.40 of its throughput without hopwatch); where the workloads leave enough CPU free, an idle
+loop still keeps up. Once it falls behind, the ring buffer fills and the kernel copies
+nothing more, counting every syscall it lets pass
+(``events_lost_total{reason="ring_full"}``) at the cost of a few lookups per syscall. From
+then on a loop that keeps competing for CPU only makes the workloads slower without seeing
+more of them: the node is saturated. So while the capture sheds, the loop runs under
+``SCHED_IDLE``: the kernel gives it only CPU time that no ordinary thread wants, and any
+waking workload thread preempts it at once (a low ``nice`` value does not: the running task
+keeps its slice). When the shedding stops, it is ordinary again.
 
 An idle thread can starve for as long as the node is saturated, and with it the systemd
 watchdog and the HTTP scrapes (which need the interpreter lock the loop holds). A guard
@@ -99,7 +104,8 @@ class IdleScheduling:
         self._beat = time.monotonic()
         self._guard = threading.Thread(target=self._watch, name="hopwatch-guard", daemon=True)
         self._guard.start()
-        log.info("the analysis loop yields the CPU (SCHED_IDLE) while the capture sheds")
+        log.info("the analysis loop yields the CPU (SCHED_IDLE) while the capture sheds "
+                 "or the loop is busy")
         return True
 
     def beat(self, *, yield_cpu: bool) -> None:
@@ -191,6 +197,7 @@ class Overload:
         self.capacity = 0.0  # records the loop analyses per CPU second (smoothed)
         self.arrivals = 0.0  # records read + syscalls shed + ring growth, per second
         self.unread = 0.0  # of those, the syscalls shed and the ring's growth, per second
+        self.cpu_share = 0.0  # of one CPU, what the loop used in the last window
         self._t0: float | None = None
         self._read0 = self._shed0 = self._waiting0 = 0
         self._cpu0 = 0.0
@@ -207,6 +214,7 @@ class Overload:
             if d_read > 0 and d_cpu >= 0.01:  # enough work to time the loop
                 speed = d_read / d_cpu
                 self.capacity = speed if not self.capacity else 0.7 * self.capacity + 0.3 * speed
+            self.cpu_share = max(0.0, d_cpu) / (now - t0)
             self.unread = (shed - self._shed0 + waiting - self._waiting0) / (now - t0)
             self.arrivals = d_read / (now - t0) + self.unread
             self.active = self.capacity > 0 and self.unread > self.factor * self.capacity
