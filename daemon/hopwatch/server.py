@@ -516,9 +516,10 @@ class Daemon:
                 if self.heap.due(capture.records_read, rss):
                     gc.collect()
                     trim_heap()
-                    self.heap.settled(rss_bytes())
+                    after = rss_bytes()
+                    self.heap.settled(after)
                     log.info("a burst is over: collected and trimmed the heap, RSS %.0f -> "
-                             "%.0f MiB", rss / 2**20, (self.heap.baseline or 0) / 2**20)
+                             "%.0f MiB", rss / 2**20, after / 2**20)
                 else:
                     trim_heap()
 

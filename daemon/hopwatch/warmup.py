@@ -18,7 +18,6 @@ or cgroup lookup can find a real process.
 
 from __future__ import annotations
 
-import gc
 import socket
 import time
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from hpack import Encoder
 from hyperframe.frame import DataFrame, HeadersFrame, SettingsFrame
 
 from hopwatch.capture import live
-from hopwatch.capture.live import CaptureConfig, LiveCapture, trim_heap
+from hopwatch.capture.live import CaptureConfig, LiveCapture
 from hopwatch.config import Config
 
 __all__ = ["WarmUp", "warm_up"]
@@ -226,7 +225,6 @@ def warm_up(config: Config, *, seconds: float = 4.0, max_records: int = 150_000)
             "hopwatch_unknown_fd_chunks_total",
         ),
     )
-    del daemon, capture, registry
-    gc.collect()
-    trim_heap()
+    # Its garbage goes with the rest of start-up's (``Daemon.start`` collects and trims
+    # once start-up is over).
     return result
