@@ -8,13 +8,13 @@ PY := $(VENV)/bin/python
 BCC_DIST := /usr/lib/python3/dist-packages/bcc
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
-# The daemon's runtime (daemon/hopwatch/runtime.py, docs/performance.md): `cpython`
-# (default) or `pypy` (`hopwatch run` execs PyPy: about half the CPU per message, ~55 MiB
-# more memory, a JIT warm-up). The PyPy environment (PyPy >= 3.9) is built for RUNTIME=pypy
-# and for the tests (they run both); `make run` on CPython never needs it, so a distro whose
-# PyPy is older (Ubuntu 22.04: 3.8) runs the daemon all the same. The CLI and the tools stay
-# on CPython.
-RUNTIME ?= cpython
+# The daemon's runtime (daemon/hopwatch/runtime.py, docs/performance.md): `auto` (the
+# default), `pypy` or `cpython`. With PyPy `hopwatch run` execs it: about half the CPU per
+# message, ~40 MiB more memory, a JIT warm-up. `auto` takes PyPy when the distro's pypy3 is
+# Python 3.9 or later (Debian 12: 3.9), decided once `system` has installed it, and CPython
+# otherwise (Ubuntu 22.04: 3.8), so `make run` works on both. The tests always build the
+# PyPy environment (they run both). The CLI and the tools stay on CPython.
+RUNTIME ?= auto
 PYPY ?= /usr/bin/pypy3
 PYPY_VENV := .venv-pypy
 PYPY_STAMP := $(PYPY_VENV)/.installed
@@ -58,16 +58,16 @@ $(PYPY_STAMP): pyproject.toml | $(PYPY_VENV)/bin/python $(VENV)/bcc-shim/bcc
 	touch $(PYPY_STAMP)
 
 # `.venv/hopwatch-pypy` is what `hopwatch run` execs (runtime.py); without it, CPython runs.
-ifeq ($(RUNTIME),pypy)
-runtime: $(STAMP) $(PYPY_STAMP)
-	ln -sfn $(abspath $(PYPY_VENV))/bin/hopwatch $(VENV)/hopwatch-pypy
-else ifeq ($(RUNTIME),cpython)
+# Expanded when the recipe runs, after `system`: `pypy` when $(PYPY) is 3.9 or later.
+PYPY_USABLE = $(shell [ -x $(PYPY) ] && $(PYPY) -c 'import sys; sys.exit(sys.version_info < (3, 9))' 2>/dev/null && echo pypy)
+RUNTIME_USED = $(if $(filter auto,$(RUNTIME)),$(or $(PYPY_USABLE),cpython),$(RUNTIME))
+
 runtime: $(STAMP)
-	rm -f $(VENV)/hopwatch-pypy
-else
-runtime:
-	@echo "RUNTIME must be pypy or cpython, not '$(RUNTIME)'" >&2; exit 2
-endif
+	@case '$(RUNTIME)' in auto | pypy | cpython) ;; *) \
+	  echo "RUNTIME must be auto, pypy or cpython, not '$(RUNTIME)'" >&2; exit 2 ;; esac
+	$(if $(filter pypy,$(RUNTIME_USED)),@$(MAKE) --no-print-directory $(PYPY_STAMP))
+	$(if $(filter pypy,$(RUNTIME_USED)),ln -sfn $(abspath $(PYPY_VENV))/bin/hopwatch,rm -f) $(VENV)/hopwatch-pypy
+	@echo "runtime: $(RUNTIME_USED) (RUNTIME=$(RUNTIME))"
 
 venv: $(STAMP) $(VENV)/bcc-shim/bcc runtime
 

@@ -2,7 +2,7 @@
 # System set-up for hopwatch (root, Debian/Ubuntu). Idempotent: a second run with
 # nothing to do takes well under a second.
 #  - apt packages: bcc (python3-bpfcc, bpfcc-tools), PyPy (pypy3 >= 3.9, the daemon's
-#    runtime; `make RUNTIME=cpython` where the distro's is older), kernel headers, the test
+#    runtime where it is 3.9 or later; CPython runs it elsewhere), kernel headers, the test
 #    peers, and gcc
 #    (tests/test_ring.py builds a small C watcher; bench/ builds its load client)
 #  - kernel headers: the running kernel's package where the distro has it, else a merged

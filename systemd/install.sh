@@ -9,8 +9,9 @@
 #   ENABLE   auto                       auto: `systemctl enable --now` when systemd is
 #                                       PID 1; no: never touch systemctl
 #   PURGE    0                          uninstall: 1 also removes config, logs, the user
-#   RUNTIME  cpython                    the daemon's interpreter: cpython or pypy
-#                                       (PREFIX/venv-pypy, which `hopwatch run` execs)
+#   RUNTIME  auto                       the daemon's interpreter: pypy (PREFIX/venv-pypy,
+#                                       which `hopwatch run` execs), cpython, or auto:
+#                                       pypy where PYPY is Python 3.9 or later
 set -euo pipefail
 
 ACTION=${1:-install}
@@ -21,7 +22,7 @@ UNITDIR=${UNITDIR:-/etc/systemd/system}
 ENABLE=${ENABLE:-auto}
 PURGE=${PURGE:-0}
 PYTHON=${PYTHON:-/usr/bin/python3}
-RUNTIME=${RUNTIME:-cpython}
+RUNTIME=${RUNTIME:-auto}
 PYPY=${PYPY:-/usr/bin/pypy3}
 BCC_DIST=/usr/lib/python3/dist-packages/bcc
 SERVICE_USER=hopwatch
@@ -39,7 +40,14 @@ systemd_running() { [ -d /run/systemd/system ] && [ "$(cat /proc/1/comm 2>/dev/n
 install_all() {
   case "$RUNTIME" in
     pypy | cpython) ;;
-    *) echo "install: RUNTIME must be pypy or cpython, not '$RUNTIME'" >&2; exit 2 ;;
+    auto)
+      # The same choice as `make setup` (Makefile): PyPy where it is 3.9 or later.
+      if [ -x "$PYPY" ] && "$PYPY" -c 'import sys; sys.exit(sys.version_info < (3, 9))' 2>/dev/null; then
+        RUNTIME=pypy
+      else
+        RUNTIME=cpython
+      fi ;;
+    *) echo "install: RUNTIME must be auto, pypy or cpython, not '$RUNTIME'" >&2; exit 2 ;;
   esac
   # 1. A venv of its own, with the package installed from a wheel (not editable).
   if [ ! -x "$PREFIX/venv/bin/python" ]; then

@@ -280,6 +280,13 @@ def python_env() -> dict[str, str]:
     return env
 
 
+def make_env() -> dict[str, str]:
+    """Environment for `make` as a user runs it: without the RUNTIME, PYPY or MAKEFLAGS of a
+    `make test` that started these tests."""
+    drop = {"RUNTIME", "PYPY", "PYPY_VENV", "MAKEFLAGS", "MFLAGS", "MAKELEVEL"}
+    return {k: v for k, v in os.environ.items() if k not in drop}
+
+
 @contextlib.contextmanager
 def server(
     args: list[str],
@@ -348,6 +355,7 @@ __all__ = [
     "Snapshot",
     "counts",
     "free_port",
+    "make_env",
     "named",
     "nginx_args",
     "python_env",

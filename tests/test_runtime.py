@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from tests.helpers import (
     Daemon,
     counts,
     free_port,
+    make_env,
     named,
     run,
     server,
@@ -117,13 +119,38 @@ def test_describe_names_this_interpreter() -> None:
     assert runtime.describe() == f"CPython {platform.python_version()}"
 
 
-# -- set-up: `make run` on CPython needs no PyPy; `make test` does, 3.9 or later ---------------
-def test_make_run_on_cpython_never_builds_the_pypy_environment(tmp_path: Path) -> None:
+# -- set-up: `make run` takes PyPy where it is 3.9 or later; `make test` always builds it ------
+def _fake_pypy(tmp_path: Path, version_ok: bool) -> Path:
+    """A `pypy3` that only answers the version check (a dry run executes nothing else)."""
+    fake = tmp_path / ("pypy-new" if version_ok else "pypy-old")
+    fake.write_text(f"#!/bin/sh\nexit {0 if version_ok else 1}\n")
+    fake.chmod(0o755)
+    return fake
+
+
+def _make(args: list[str], check: bool = True) -> subprocess.CompletedProcess[str]:
+    return run(["make", "-C", str(REPO), *args], env=make_env(), check=check)
+
+
+def test_make_run_builds_pypy_only_where_it_is_chosen_and_usable(tmp_path: Path) -> None:
     elsewhere = tmp_path / "venv-pypy"
-    dry = ["make", "-n", "-C", str(REPO), f"PYPY_VENV={elsewhere}"]
-    assert str(elsewhere) not in run([*dry, "run", "RUNTIME=cpython"]).stdout
-    assert f"-m venv {elsewhere}" in run([*dry, "test"]).stdout  # the tests run both
-    assert f"-m venv {elsewhere}" in run([*dry, "run", "RUNTIME=pypy"]).stdout
+    dry = ["-n", f"PYPY_VENV={elsewhere}"]
+    new, old = _fake_pypy(tmp_path, True), _fake_pypy(tmp_path, False)
+    build = f"{new} -m venv {elsewhere}"
+    # auto, the default: PyPy when it is 3.9 or later, CPython (and no PyPy venv) otherwise.
+    assert build in _make([*dry, "run", f"PYPY={new}"]).stdout
+    auto_old = _make([*dry, "run", f"PYPY={old}"]).stdout
+    assert str(elsewhere) not in auto_old
+    assert "runtime: cpython (RUNTIME=auto)" in auto_old
+    assert str(elsewhere) not in _make([*dry, "run", "PYPY=/nonexistent/pypy3"]).stdout
+    # Asked for by name: never PyPy with cpython; PyPy with pypy (its rule checks the version).
+    assert str(elsewhere) not in _make([*dry, "run", "RUNTIME=cpython", f"PYPY={new}"]).stdout
+    old_build = f"{old} -m venv {elsewhere}"
+    assert old_build in _make([*dry, "run", "RUNTIME=pypy", f"PYPY={old}"]).stdout
+    assert old_build in _make([*dry, "test", f"PYPY={old}"]).stdout  # the tests run both
+    res = _make(["runtime", "RUNTIME=graalpy"], check=False)
+    assert res.returncode == 2
+    assert "RUNTIME must be auto, pypy or cpython, not 'graalpy'" in res.stderr
 
 
 def test_a_pypy_older_than_3_9_is_refused_with_its_version(tmp_path: Path) -> None:
@@ -135,9 +162,7 @@ def test_a_pypy_older_than_3_9_is_refused_with_its_version(tmp_path: Path) -> No
         " *) echo \"ran: $*\" >&2; exit 3;; esac\n"
     )
     fake.chmod(0o755)
-    res = run(
-        ["make", "-C", str(REPO), f"PYPY_VENV={venv}", f"{venv}/.installed"], check=False
-    )
+    res = _make([f"PYPY_VENV={venv}", f"{venv}/.installed"], check=False)
     assert res.returncode != 0
     assert "is Python 3.8.16: the daemon needs 3.9 or later" in res.stderr
     assert "ran:" not in res.stderr  # nothing installed into it

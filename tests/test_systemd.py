@@ -38,12 +38,18 @@ from pathlib import Path
 import pytest
 
 from hopwatch.config import Config, load_config, parse_config
-from tests.helpers import HOPWATCH, REPO, free_port, named, scrape
+from tests.helpers import HOPWATCH, REPO, free_port, make_env, named, scrape
 
 UNIT = REPO / "systemd" / "hopwatch.service"
 DEFAULT_CONFIG = REPO / "systemd" / "config.toml"
 SCRATCH = Path("/var/lib/hopwatch-test")  # outside /tmp: PrivateTmp hides /tmp
 SECURITY_THRESHOLD = 4.0
+PYPY = "/usr/bin/pypy3"  # systemd/install.sh's default
+PYPY_DEFAULT = (
+    Path(PYPY).exists()
+    and subprocess.run([PYPY, "-c", "import sys; sys.exit(sys.version_info < (3, 9))"]).returncode
+    == 0
+)
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
 
@@ -181,12 +187,15 @@ def installed() -> Iterator[Installed]:
     inst = Installed(root / "opt", root / "etc", root / "unit")
     shutil.rmtree(root, ignore_errors=True)
     env = [f"PREFIX={inst.prefix}", f"CONFDIR={inst.confdir}", f"UNITDIR={inst.unitdir}"]
+    # The default install (RUNTIME=auto), whatever RUNTIME a `make test` above was given.
+    clean = make_env()
     try:
         res = subprocess.run(
             ["make", "-s", "-C", str(REPO), "install", *env, "ENABLE=no"],
             capture_output=True,
             text=True,
             timeout=600,
+            env=clean,
         )
         assert res.returncode == 0, res.stdout + res.stderr
         yield inst
@@ -195,6 +204,7 @@ def installed() -> Iterator[Installed]:
             capture_output=True,
             text=True,
             timeout=120,
+            env=clean,
         )
         assert res.returncode == 0, res.stdout + res.stderr
         assert not inst.prefix.exists() and not inst.unit.exists()
@@ -211,7 +221,10 @@ def test_install_layout(installed: Installed) -> None:
     expected = repo_unit.replace("/opt/hopwatch", str(installed.prefix)).replace(
         "/etc/hopwatch", str(installed.confdir)
     )
-    assert installed.unit.read_text() == expected
+    expected_pypy = expected.replace(
+        "MemoryDenyWriteExecute=yes", "MemoryDenyWriteExecute=no"
+    )
+    assert expected_pypy != expected
     assert (installed.confdir / "config.toml").read_text() == DEFAULT_CONFIG.read_text()
     assert (installed.prefix / "share/doc/operations.md").exists()
     # A real install, not an editable one: nothing in the venv points back at the checkout.
@@ -222,33 +235,11 @@ def test_install_layout(installed: Installed) -> None:
     assert res.stdout == "", f"installed files refer to the checkout:\n{res.stdout}"
     bpf_source = list(venv.glob("lib/python3*/site-packages/hopwatch/bpf/capture.c"))
     assert bpf_source, "the eBPF source is not in the installed package"
-    # The daemon's runtime by default: CPython, no PyPy link (runtime.py).
-    assert not (venv / "hopwatch-pypy").exists()
-
-    def reinstall(runtime: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            ["bash", str(REPO / "systemd/install.sh"), "install"],
-            env={
-                **os.environ,
-                "PREFIX": str(installed.prefix),
-                "CONFDIR": str(installed.confdir),
-                "UNITDIR": str(installed.unitdir),
-                "ENABLE": "no",
-                "RUNTIME": runtime,
-            },
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-
-    # Running it again is idempotent and keeps an edited config. RUNTIME=pypy: a PyPy venv
-    # from the same wheel, linked where `hopwatch run` looks, and a unit that allows the
-    # writable+executable memory its JIT needs.
-    cfg = installed.confdir / "config.toml"
-    cfg.write_text(cfg.read_text() + "\n# edited by the operator\n")
-    res = reinstall("pypy")
-    assert res.returncode == 0, res.stderr
-    assert "kept" in res.stdout and cfg.read_text().endswith("# edited by the operator\n")
+    # The daemon's runtime by default (RUNTIME=auto): PyPy where the distro's pypy3 is 3.9 or
+    # later, as `make install` installs it here: a PyPy venv from the same wheel, linked
+    # where `hopwatch run` looks, and a unit that allows the writable+executable memory its
+    # JIT needs. Elsewhere CPython, and the unit as it is in the repo.
+    assert PYPY_DEFAULT, f"{PYPY} is not Python 3.9 or later: `make system` installs it"
     pypy_venv = installed.prefix / "venv-pypy"
     assert (venv / "hopwatch-pypy").resolve() == (pypy_venv / "bin/hopwatch").resolve()
     assert list(pypy_venv.glob("lib/pypy3*/site-packages/hopwatch/bpf/capture.c"))
@@ -258,19 +249,52 @@ def test_install_layout(installed: Installed) -> None:
         text=True,
     )
     assert res.stdout == "", f"installed files refer to the checkout:\n{res.stdout}"
-    assert one(parse_unit(installed.unit), "MemoryDenyWriteExecute") == "no"
+    assert installed.unit.read_text() == expected_pypy
+    cfg = installed.confdir / "config.toml"
     env = {**os.environ, "HOPWATCH_RUNTIME": "pypy"}
     res = subprocess.run(
         [str(venv / "hopwatch-pypy"), "config", "check", str(cfg)], env=env, capture_output=True
     )
     assert res.returncode == 0, res.stderr
-    # And back (the tests below run the default install).
-    res = reinstall("cpython")
+
+    def reinstall(runtime: str, **extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["bash", str(REPO / "systemd/install.sh"), "install"],
+            env={
+                **make_env(),
+                "PREFIX": str(installed.prefix),
+                "CONFDIR": str(installed.confdir),
+                "UNITDIR": str(installed.unitdir),
+                "ENABLE": "no",
+                "RUNTIME": runtime,
+                **extra,
+            },
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+
+    # Running it again is idempotent and keeps an edited config. With a pypy3 older than
+    # 3.9 (Ubuntu 22.04's is 3.8), auto means CPython: no link, the repo's unit.
+    cfg.write_text(cfg.read_text() + "\n# edited by the operator\n")
+    old_pypy = installed.prefix.parent / "pypy3.8"
+    old_pypy.write_text("#!/bin/sh\nexit 1\n")  # fails the version check, as 3.8 would
+    old_pypy.chmod(0o755)
+    res = reinstall("auto", PYPY=str(old_pypy))
     assert res.returncode == 0, res.stderr
+    assert "kept" in res.stdout and cfg.read_text().endswith("# edited by the operator\n")
+    assert "runtime: CPython" in res.stdout
     assert not (venv / "hopwatch-pypy").exists()
     assert installed.unit.read_text() == expected
     res = reinstall("graalpy")
-    assert res.returncode == 2 and "RUNTIME must be pypy or cpython" in res.stderr
+    assert res.returncode == 2 and "RUNTIME must be auto, pypy or cpython" in res.stderr
+    # And back to the default (the tests below run it).
+    res = reinstall("auto")
+    assert res.returncode == 0, res.stderr
+    assert "runtime: PyPy" in res.stdout
+    assert installed.unit.read_text() == expected_pypy
+    score, table = security_exposure(installed.unit)  # MemoryDenyWriteExecute=no included
+    assert score <= SECURITY_THRESHOLD, table
 
 
 @pytest.mark.kernel
@@ -723,6 +747,9 @@ def test_execstart_as_is_in_the_units_sandbox(installed: Installed, tmp_path: Pa
         )
         assert re.search(r"^NoNewPrivs:\s+1", status, re.M)
         assert re.search(r"^Seccomp:\s+2", status, re.M)
+        # The runtime the install chose (PyPy here) runs under the unit's seccomp filter.
+        exe = os.path.basename(os.readlink(f"/proc/{proc.pid}/exe"))
+        assert exe.startswith("pypy" if PYPY_DEFAULT else "python"), exe
         assert traffic_seen(addr, "t_unit_curl", tmp_path, port) >= 3, log.read_text()
         # The loop may yield the CPU (SCHED_IDLE) when it sheds, as LimitNICE lets it leave
         # that policy again (the guard thread runs); without that limit it must never go idle
