@@ -18,6 +18,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -142,6 +143,7 @@ def saturation(
     tmp: Path, port: int, wrk_exe: str, rounds: int, seconds: int, warmup: int
 ) -> dict[str, Any]:
     without: list[dict[str, float]] = []
+    stopped: list[dict[str, float]] = []
     with_: list[dict[str, Any]] = []
     for r in range(rounds):
         # ABBA: odd rounds run the daemon first, so a VM drifting during a round biases
@@ -163,13 +165,24 @@ def saturation(
             cpu_wrk = cpu_seconds(d.proc.pid) - cpu0  # while the load lasted
             after = d.settle(timeout=60)
             delta = after - before
+            rss, hwm = rss_mib(d.proc.pid), rss_mib(d.proc.pid, "VmHWM")
+            cpu_all = cpu_seconds(d.proc.pid) - cpu0
+            # The kernel side alone: the same load with the daemon stopped (SIGSTOP), its
+            # programs attached and its ring full, so every data syscall takes the shedding
+            # path. Against `without`, what the probes cost; against `with`, what the
+            # running loop adds (its CPU, and the records it makes room for).
+            os.kill(d.proc.pid, signal.SIGSTOP)
+            try:
+                stopped.append(wrk(wrk_exe, port, seconds, 32))
+            finally:
+                os.kill(d.proc.pid, signal.SIGCONT)  # then stopped below, its ring unread
             with_.append(
                 {
                     **w,
                     "cpu_wrk_s": cpu_wrk,
-                    "cpu_s": cpu_seconds(d.proc.pid) - cpu0,  # and the drain after it
-                    "rss_mib": rss_mib(d.proc.pid),
-                    "hwm_mib": rss_mib(d.proc.pid, "VmHWM"),
+                    "cpu_s": cpu_all,  # and the drain after it
+                    "rss_mib": rss,
+                    "hwm_mib": hwm,
                     "client_requests_counted": msgs(
                         delta, process="lb_wrk", direction="outbound", kind="request"
                     ),
@@ -187,6 +200,7 @@ def saturation(
             without.append(wrk(wrk_exe, port, seconds, 32))
     rps_without = [w["requests"] / w["seconds"] for w in without]
     rps_with = [w["requests"] / w["seconds"] for w in with_]
+    rps_stopped = [w["requests"] / w["seconds"] for w in stopped]
     return {
         "rounds": rounds,
         "seconds": seconds,
@@ -195,7 +209,11 @@ def saturation(
         "with": with_,
         "rps_without": rps_without,
         "rps_with": rps_with,
+        "stopped": stopped,
+        "rps_stopped": rps_stopped,
         "ratio": sum(rps_with) / sum(rps_without),
+        "kernel_ratio": sum(rps_stopped) / sum(rps_without),
+        "loop_ratio": sum(rps_with) / sum(rps_stopped),
         "median_round_ratio": statistics.median(
             b / a for a, b in zip(rps_without, rps_with, strict=True)
         ),
@@ -257,19 +275,21 @@ def report(st: dict[str, Any], sat: dict[str, Any]) -> str:
         f"`wrk -t1 -c32 -d{sat['seconds']}s -H traceparent:...` against the same nginx, "
         f"{sat['rounds']} rounds, each without and with the daemon (started fresh, then "
         f"{sat['warmup']} s of the same load not measured), the order alternating (ABBA: odd "
-        "rounds run the daemon first).",
+        "rounds run the daemon first). After the measured run, the same load once more with "
+        "the daemon stopped (SIGSTOP: its programs attached, its ring full, so every data "
+        "syscall takes the kernel's shedding path): the kernel side alone.",
         "",
-        "| round | req/s without | req/s with | ratio | daemon CPU s during wrk (with the "
-        "drain after) | RSS MiB (peak) | "
+        "| round | req/s without | req/s with | ratio | req/s daemon stopped | daemon CPU s "
+        "during wrk (with the drain after) | RSS MiB (peak) | "
         "client requests counted | nginx requests counted | lost by reason | gap bytes | "
         "desyncs |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
     ]
-    for i, (a, b, x) in enumerate(
-        zip(sat["rps_without"], sat["rps_with"], sat["with"], strict=True)
+    for i, (a, b, c, x) in enumerate(
+        zip(sat["rps_without"], sat["rps_with"], sat["rps_stopped"], sat["with"], strict=True)
     ):
         lines.append(
-            f"| {i + 1} | {a:.0f} | {b:.0f} | {b / a:.3f} | {x['cpu_wrk_s']:.2f} "
+            f"| {i + 1} | {a:.0f} | {b:.0f} | {b / a:.3f} | {c:.0f} | {x['cpu_wrk_s']:.2f} "
             f"({x['cpu_s']:.1f}) | "
             f"{x['rss_mib']:.0f} ({x['hwm_mib']:.0f}) | {x['client_requests_counted']:.0f} / "
             f"{x['requests']:.0f} | {x['server_requests_counted']:.0f} | {x['lost'] or 'none'} | "
@@ -278,7 +298,9 @@ def report(st: dict[str, Any], sat: dict[str, Any]) -> str:
     lines += [
         "",
         f"Throughput with ÷ without (sum over rounds): **{sat['ratio']:.3f}**; the median "
-        f"of the rounds' ratios: {sat['median_round_ratio']:.3f}.",
+        f"of the rounds' ratios: {sat['median_round_ratio']:.3f}. The kernel side alone "
+        f"(stopped ÷ without): {sat['kernel_ratio']:.3f}; the running loop on top of it "
+        f"(with ÷ stopped): {sat['loop_ratio']:.3f}.",
         "",
         "Raw figures:",
         "",
@@ -301,6 +323,9 @@ def main() -> int:
         "--wrk-warmup", type=int, default=5, help="seconds of wrk before each measured round"
     )
     ap.add_argument("--out", default=str(BENCH / "RESULTS-load.md"))
+    ap.add_argument(
+        "--saturation-only", action="store_true", help="(b) alone, printed; no RESULTS file"
+    )
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="hw-load-"))
     try:
@@ -309,10 +334,18 @@ def main() -> int:
         wrk_exe = named(tmp, "lb_wrk", "wrk")
         port = free_port()
         with server(nginx_args(tmp, "lb_nginx", f"127.0.0.1:{port}", KEEPALIVE), port):
-            st = steady(tmp, port, pacer_exe, args.rate, args.seconds, args.warmup)
-            print(json.dumps(st), flush=True)
+            if not args.saturation_only:
+                st = steady(tmp, port, pacer_exe, args.rate, args.seconds, args.warmup)
+                print(json.dumps(st), flush=True)
             sat = saturation(tmp, port, wrk_exe, args.rounds, args.wrk_seconds, args.wrk_warmup)
             print(json.dumps(sat), flush=True)
+        if args.saturation_only:
+            print(
+                f"saturation: with/without {sat['ratio']:.3f} (median "
+                f"{sat['median_round_ratio']:.3f}), stopped/without {sat['kernel_ratio']:.3f}, "
+                f"with/stopped {sat['loop_ratio']:.3f}"
+            )
+            return 0
         Path(args.out).write_text(report(st, sat))
         print(f"wrote {args.out}")
     finally:
