@@ -98,6 +98,7 @@ def table(label: str, m: dict[str, Any]) -> list[str]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seconds", type=int, default=8)
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "RESULTS-probe-cost.md"))
     args = ap.parse_args()
     stats = Path("/proc/sys/kernel/bpf_stats_enabled")
     before = stats.read_text().strip()
@@ -126,11 +127,22 @@ def main() -> int:
     finally:
         stats.write_text(before)
         shutil.rmtree(tmp, ignore_errors=True)
-    lines = [f"## eBPF cost per program ({args.seconds} s of wrk each, statistics on)", ""]
+    lines = [
+        "# eBPF cost per program under saturation (bench/probe_cost.py)",
+        "",
+        f"Machine: {os.cpu_count()} CPUs, kernel {os.uname().release}. `wrk -t1 -c32` against "
+        f"nginx `return 200` on loopback, {args.seconds} s per slice, with the kernel's BPF "
+        "statistics on (they add their own cost to every run: see `trivial`). Slices: no "
+        "programs; trivial programs (`return 0`) on the eight data tracepoints; the daemon "
+        "running; the daemon stopped (SIGSTOP, its ring full: the shedding path).",
+        "",
+    ]
     for label in ("without", "trivial", "running", "stopped"):
         lines += table(label, out[label])
-    print("\n".join(lines))
-    print(json.dumps(out))
+    lines += ["Raw figures:", "", "```json", json.dumps(out, indent=1), "```", ""]
+    Path(args.out).write_text("\n".join(lines))
+    print("\n".join(lines[: -5]))
+    print(f"wrote {args.out}")
     return 0
 
 
