@@ -18,6 +18,8 @@ RUNTIME ?= auto
 PYPY ?= /usr/bin/pypy3
 PYPY_VENV := .venv-pypy
 PYPY_STAMP := $(PYPY_VENV)/.installed
+# Exits 0 on the Python the daemon needs (3.9 or later).
+NEEDS_39 := -c 'import sys; sys.exit(sys.version_info < (3, 9))'
 
 .PHONY: all setup system venv runtime run test test-unit test-kernel lint bench clean
 
@@ -49,7 +51,7 @@ $(PYPY_VENV)/bin/python:
 	$(PYPY) -m venv $(PYPY_VENV)
 
 $(PYPY_STAMP): pyproject.toml | $(PYPY_VENV)/bin/python $(VENV)/bcc-shim/bcc
-	@$(PYPY_VENV)/bin/python -c 'import sys; sys.exit(sys.version_info < (3, 9))' || { \
+	@$(PYPY_VENV)/bin/python $(NEEDS_39) || { \
 	  echo "$(PYPY) is Python $$($(PYPY_VENV)/bin/python -c 'import platform; print(platform.python_version())'):" \
 	    "the daemon needs 3.9 or later (RUNTIME=cpython needs no PyPy)" >&2; exit 1; }
 	$(PYPY_VENV)/bin/python -m pip install -q -e .
@@ -59,7 +61,7 @@ $(PYPY_STAMP): pyproject.toml | $(PYPY_VENV)/bin/python $(VENV)/bcc-shim/bcc
 
 # `.venv/hopwatch-pypy` is what `hopwatch run` execs (runtime.py); without it, CPython runs.
 # Expanded when the recipe runs, after `system`: `pypy` when $(PYPY) is 3.9 or later.
-PYPY_USABLE = $(shell [ -x $(PYPY) ] && $(PYPY) -c 'import sys; sys.exit(sys.version_info < (3, 9))' 2>/dev/null && echo pypy)
+PYPY_USABLE = $(shell [ -x $(PYPY) ] && $(PYPY) $(NEEDS_39) 2>/dev/null && echo pypy)
 RUNTIME_USED = $(if $(filter auto,$(RUNTIME)),$(or $(PYPY_USABLE),cpython),$(RUNTIME))
 
 runtime: $(STAMP)
