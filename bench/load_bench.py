@@ -23,6 +23,8 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,30 @@ from tests.helpers import Daemon, Snapshot, free_port, named, nginx_args, server
 BENCH = Path(__file__).resolve().parent
 TRACEPARENT = "traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 KEEPALIVE = "keepalive_requests 100000000; keepalive_timeout 300s;"
+DATA_SYSCALLS = ("write", "writev", "read", "recvfrom")  # what wrk and nginx use
+PEERS = ("lb_pacer", "lb_wrk", "lb_nginx")  # the processes whose messages the bench counts
+
+
+@contextmanager
+def trivial_programs() -> Iterator[None]:
+    """Programs that only return 0 on the enter and exit tracepoints of the data syscalls
+    wrk and nginx use: the floor any capture on those tracepoints costs."""
+    from hopwatch._bcc import import_bcc
+    from hopwatch.kernel import prepare_kernel
+
+    prepare_kernel()  # the headers bcc compiles against (BCC_KERNEL_SOURCE)
+    text = "".join(
+        f"TRACEPOINT_PROBE(syscalls, sys_{edge}_{s}) {{ return 0; }}\n"
+        for s in DATA_SYSCALLS
+        for edge in ("enter", "exit")
+    )
+    b = import_bcc().BPF(text=text)
+    try:
+        yield
+    finally:
+        b.cleanup()
+
+
 TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -95,10 +121,10 @@ def steady(
         if warmup:
             # PyPy's JIT compiles the hot path during the first seconds of traffic: that
             # phase is measured on its own, before the steady one.
-            before = d.settle()
+            before = d.settle(processes=PEERS)
             cpu0 = cpu_seconds(d.proc.pid)
             done = pacer(pacer_exe, port, 64, rate, warmup)["completed"]
-            delta = d.settle(timeout=30) - before
+            delta = d.settle(timeout=30, processes=PEERS) - before
             cpu = cpu_seconds(d.proc.pid) - cpu0
             res["warmup"] = {
                 "seconds": warmup,
@@ -111,10 +137,10 @@ def steady(
                 / max(1.0, delta.total("hopwatch_http_messages_total"))
                 * 1e6,
             }
-        before = d.settle()
+        before = d.settle(processes=PEERS)
         cpu0 = cpu_seconds(d.proc.pid)
         res["with"] = pacer(pacer_exe, port, 64, rate, seconds)
-        after = d.settle(timeout=30)
+        after = d.settle(timeout=30, processes=PEERS)
         cpu = cpu_seconds(d.proc.pid) - cpu0
         delta = after - before
         client_req = msgs(delta, process="lb_pacer", direction="outbound", kind="request")
@@ -143,13 +169,20 @@ def saturation(
     tmp: Path, port: int, wrk_exe: str, rounds: int, seconds: int, warmup: int
 ) -> dict[str, Any]:
     without: list[dict[str, float]] = []
+    trivial: list[dict[str, float]] = []
     stopped: list[dict[str, float]] = []
     with_: list[dict[str, Any]] = []
+
+    def baselines() -> None:
+        without.append(wrk(wrk_exe, port, seconds, 32))
+        with trivial_programs():
+            trivial.append(wrk(wrk_exe, port, seconds, 32))
+
     for r in range(rounds):
         # ABBA: odd rounds run the daemon first, so a VM drifting during a round biases
         # half the rounds one way and half the other.
         if r % 2 == 0:
-            without.append(wrk(wrk_exe, port, seconds, 32))
+            baselines()
         sub = tmp / f"sat{r}"
         sub.mkdir()
         d = Daemon(sub, name="hw_load")
@@ -158,12 +191,12 @@ def saturation(
                 # A daemon that has run a while, as on a node (PyPy's JIT compiles the live
                 # paths in its first seconds of traffic): not measured.
                 wrk(wrk_exe, port, warmup, 32)
-                d.settle(timeout=60)
-            before = d.settle()
+                d.settle(timeout=60, processes=PEERS)
+            before = d.settle(processes=PEERS)
             cpu0 = cpu_seconds(d.proc.pid)
             w = wrk(wrk_exe, port, seconds, 32)
             cpu_wrk = cpu_seconds(d.proc.pid) - cpu0  # while the load lasted
-            after = d.settle(timeout=60)
+            after = d.settle(timeout=60, processes=PEERS)
             delta = after - before
             rss, hwm = rss_mib(d.proc.pid), rss_mib(d.proc.pid, "VmHWM")
             cpu_all = cpu_seconds(d.proc.pid) - cpu0
@@ -197,8 +230,9 @@ def saturation(
         finally:
             d.stop()
         if r % 2 == 1:
-            without.append(wrk(wrk_exe, port, seconds, 32))
+            baselines()
     rps_without = [w["requests"] / w["seconds"] for w in without]
+    rps_trivial = [w["requests"] / w["seconds"] for w in trivial]
     rps_with = [w["requests"] / w["seconds"] for w in with_]
     rps_stopped = [w["requests"] / w["seconds"] for w in stopped]
     return {
@@ -211,7 +245,10 @@ def saturation(
         "rps_with": rps_with,
         "stopped": stopped,
         "rps_stopped": rps_stopped,
+        "trivial": trivial,
+        "rps_trivial": rps_trivial,
         "ratio": sum(rps_with) / sum(rps_without),
+        "floor_ratio": sum(rps_trivial) / sum(rps_without),
         "kernel_ratio": sum(rps_stopped) / sum(rps_without),
         "loop_ratio": sum(rps_with) / sum(rps_stopped),
         "median_round_ratio": statistics.median(
@@ -277,19 +314,31 @@ def report(st: dict[str, Any], sat: dict[str, Any]) -> str:
         f"{sat['warmup']} s of the same load not measured), the order alternating (ABBA: odd "
         "rounds run the daemon first). After the measured run, the same load once more with "
         "the daemon stopped (SIGSTOP: its programs attached, its ring full, so every data "
-        "syscall takes the kernel's shedding path): the kernel side alone.",
+        "syscall takes the kernel's shedding path): the kernel side alone. Next to the run "
+        "without, the same load with trivial programs (`return 0`) on the enter and exit "
+        "tracepoints of the four data syscalls wrk and nginx use: the floor any capture on "
+        "those tracepoints costs.",
         "",
-        "| round | req/s without | req/s with | ratio | req/s daemon stopped | daemon CPU s "
+        "| round | req/s without | req/s with | ratio | req/s daemon stopped | "
+        "req/s trivial programs | daemon CPU s "
         "during wrk (with the drain after) | RSS MiB (peak) | "
         "client requests counted | nginx requests counted | lost by reason | gap bytes | "
         "desyncs |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: "
+        "| ---: |",
     ]
-    for i, (a, b, c, x) in enumerate(
-        zip(sat["rps_without"], sat["rps_with"], sat["rps_stopped"], sat["with"], strict=True)
-    ):
+    rows = zip(
+        sat["rps_without"],
+        sat["rps_with"],
+        sat["rps_stopped"],
+        sat["rps_trivial"],
+        sat["with"],
+        strict=True,
+    )
+    for i, (a, b, c, t, x) in enumerate(rows):
         lines.append(
-            f"| {i + 1} | {a:.0f} | {b:.0f} | {b / a:.3f} | {c:.0f} | {x['cpu_wrk_s']:.2f} "
+            f"| {i + 1} | {a:.0f} | {b:.0f} | {b / a:.3f} | {c:.0f} | {t:.0f} | "
+            f"{x['cpu_wrk_s']:.2f} "
             f"({x['cpu_s']:.1f}) | "
             f"{x['rss_mib']:.0f} ({x['hwm_mib']:.0f}) | {x['client_requests_counted']:.0f} / "
             f"{x['requests']:.0f} | {x['server_requests_counted']:.0f} | {x['lost'] or 'none'} | "
@@ -300,7 +349,8 @@ def report(st: dict[str, Any], sat: dict[str, Any]) -> str:
         f"Throughput with ÷ without (sum over rounds): **{sat['ratio']:.3f}**; the median "
         f"of the rounds' ratios: {sat['median_round_ratio']:.3f}. The kernel side alone "
         f"(stopped ÷ without): {sat['kernel_ratio']:.3f}; the running loop on top of it "
-        f"(with ÷ stopped): {sat['loop_ratio']:.3f}.",
+        f"(with ÷ stopped): {sat['loop_ratio']:.3f}. Trivial programs ÷ without (the "
+        f"floor): {sat['floor_ratio']:.3f}.",
         "",
         "Raw figures:",
         "",
@@ -343,7 +393,7 @@ def main() -> int:
             print(
                 f"saturation: with/without {sat['ratio']:.3f} (median "
                 f"{sat['median_round_ratio']:.3f}), stopped/without {sat['kernel_ratio']:.3f}, "
-                f"with/stopped {sat['loop_ratio']:.3f}"
+                f"with/stopped {sat['loop_ratio']:.3f}, trivial/without {sat['floor_ratio']:.3f}"
             )
             return 0
         Path(args.out).write_text(report(st, sat))

@@ -26,10 +26,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.load_bench import KEEPALIVE, cpu_seconds, wrk
+from bench.load_bench import KEEPALIVE, PEERS, cpu_seconds, trivial_programs, wrk
 from tests.helpers import Daemon, free_port, named, nginx_args, server
-
-DATA_SYSCALLS = ("write", "writev", "read", "recvfrom")  # what wrk and nginx use
 
 
 def programs() -> dict[int, tuple[str, int, int]]:
@@ -62,21 +60,8 @@ def measure(wrk_exe: str, port: int, seconds: int, pid: int | None = None) -> di
 
 
 def trivial_floor(wrk_exe: str, port: int, seconds: int) -> dict[str, Any]:
-    from hopwatch._bcc import import_bcc
-    from hopwatch.kernel import prepare_kernel
-
-    prepare_kernel()  # the headers bcc compiles against (BCC_KERNEL_SOURCE)
-    bpf_cls = import_bcc().BPF
-    text = "".join(
-        f"TRACEPOINT_PROBE(syscalls, sys_{edge}_{s}) {{ return 0; }}\n"
-        for s in DATA_SYSCALLS
-        for edge in ("enter", "exit")
-    )
-    b = bpf_cls(text=text)
-    try:
+    with trivial_programs():
         return measure(wrk_exe, port, seconds)
-    finally:
-        b.cleanup()
 
 
 def table(label: str, m: dict[str, Any]) -> list[str]:
@@ -115,7 +100,7 @@ def main() -> int:
             d = Daemon(tmp, name="hw_probe")
             try:
                 wrk(wrk_exe, port, 5, 32)  # as load_bench: a daemon that has run a while
-                d.settle(timeout=60)
+                d.settle(timeout=60, processes=PEERS)
                 out["running"] = measure(wrk_exe, port, args.seconds, d.proc.pid)
                 os.kill(d.proc.pid, signal.SIGSTOP)
                 try:
@@ -141,7 +126,7 @@ def main() -> int:
         lines += table(label, out[label])
     lines += ["Raw figures:", "", "```json", json.dumps(out, indent=1), "```", ""]
     Path(args.out).write_text("\n".join(lines))
-    print("\n".join(lines[: -5]))
+    print("\n".join(lines[:-5]))
     print(f"wrote {args.out}")
     return 0
 

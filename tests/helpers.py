@@ -144,20 +144,28 @@ class Daemon:
         assert len(series) == 1, series
         return dict(series[0])
 
-    def settle(self, timeout: float = 10.0, quiet: float = 0.5) -> Snapshot:
+    def settle(
+        self, timeout: float = 10.0, quiet: float = 0.5, processes: tuple[str, ...] = ()
+    ) -> Snapshot:
         """Scrape until the capture counters stop moving for `quiet` seconds. An overloaded
         daemon pauses on purpose (up to 1 s, its CPU budget) with records still in the ring:
-        that is not settled."""
+        that is not settled. The scrapes themselves are traffic the daemon counts (this
+        process's requests to /metrics, 10 per second): with `processes`, only the messages
+        of those processes are watched, so that the scrapes do not keep it unsettled."""
+
+        def progress(s: Snapshot) -> tuple[float, ...]:
+            if processes:
+                return tuple(s.total("hopwatch_http_messages_total", process=p) for p in processes)
+            keys = ("hopwatch_capture_chunks_total", "hopwatch_http_messages_total")
+            return tuple(s.total(k) for k in keys)
+
         deadline = time.monotonic() + timeout
         last = self.scrape()
         stable_since = time.monotonic()
         while time.monotonic() < deadline:
             time.sleep(0.1)
             now = self.scrape()
-            key = ("hopwatch_capture_chunks_total", "hopwatch_http_messages_total")
-            if now.total("hopwatch_capture_overloaded") or any(
-                now.total(k) != last.total(k) for k in key
-            ):
+            if now.total("hopwatch_capture_overloaded") or progress(now) != progress(last):
                 stable_since = time.monotonic()
                 last = now
             elif time.monotonic() - stable_since >= quiet:
