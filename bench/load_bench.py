@@ -1,4 +1,5 @@
-"""Overhead and completeness under load (issue 7, part 1); writes bench/RESULTS-load.md.
+"""Overhead and completeness under load (issue 7, part 1); writes bench/RESULTS-load.md
+(the daemon on CPython: `HOPWATCH_RUNTIME=cpython`) or bench/RESULTS-load-pypy.md (PyPy).
 
 (a) steady: bench/pacer.c (constant rate, keep-alive, traceparent on every request, latency
     from the time each request was due) against nginx on loopback, without and then with
@@ -372,7 +373,7 @@ def main() -> int:
     ap.add_argument(
         "--wrk-warmup", type=int, default=5, help="seconds of wrk before each measured round"
     )
-    ap.add_argument("--out", default=str(BENCH / "RESULTS-load.md"))
+    ap.add_argument("--out", help="default: by the daemon's runtime (RESULTS-load[-pypy].md)")
     ap.add_argument(
         "--saturation-only", action="store_true", help="(b) alone, printed; no RESULTS file"
     )
@@ -396,8 +397,11 @@ def main() -> int:
                 f"with/stopped {sat['loop_ratio']:.3f}, trivial/without {sat['floor_ratio']:.3f}"
             )
             return 0
-        Path(args.out).write_text(report(st, sat))
-        print(f"wrote {args.out}")
+        out = args.out or str(
+            BENCH / ("RESULTS-load-pypy.md" if "PyPy" in st["runtime"] else "RESULTS-load.md")
+        )
+        Path(out).write_text(report(st, sat))
+        print(f"wrote {out}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0
