@@ -174,7 +174,7 @@ struct conn_ev {
     struct ev_hdr h;
     u16 family;
     u16 port;  // host order
-    u32 pad;
+    s32 listen_fd;  // accept: the listening socket's fd (its local port is the service's); -1
     u8 addr[16];
     u64 cookie;
 };
@@ -694,7 +694,7 @@ static __always_inline int conn_exit(long ret) {
     e->h.role = a.role;
     e->family = family;
     e->port = port;
-    e->pad = 0;
+    e->listen_fd = a.role == ROLE_SERVER ? a.fd : -1;
     __builtin_memset(e->addr, 0, sizeof(e->addr));
     if (family == AF_INET_) {
         __builtin_memcpy(e->addr, &sa[4], 4);

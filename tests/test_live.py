@@ -631,6 +631,39 @@ def test_keepalive_connection_opened_before_daemon(tmp_path: Path) -> None:
     }
 
 
+def test_exclude_ports_leaves_out_both_ends(tmp_path: Path) -> None:
+    """`exclude_ports` leaves out a port's clients and its server, short connections and a
+    keep-alive one alike; the same traffic to another port is counted exactly."""
+    out_port, in_port = free_port(), free_port()
+    d = Daemon(tmp_path, config=f"[capture]\nexclude_ports = [{out_port}]\n", name="hw_xports")
+    names = ("t_xp_cli", "t_xp_ka", "t_xp_ctl", "t_xp_ngx", "t_xp_ngx2")
+    try:
+        with (
+            server(nginx_args(tmp_path, "t_xp_ngx", f"127.0.0.1:{out_port}", ""), out_port),
+            server(nginx_args(tmp_path, "t_xp_ngx2", f"127.0.0.1:{in_port}", ""), in_port),
+        ):
+            cli = named(tmp_path, "t_xp_cli", "curl")
+            ka = named(tmp_path, "t_xp_ka", "curl")
+            ctl = named(tmp_path, "t_xp_ctl", "curl")
+            before = d.settle(processes=names, quiet=2.0)
+            get = ["-sf", "-H", f"traceparent: {TP}", "-o", "/dev/null"]
+            for _ in range(5):
+                run([cli, *get, f"http://127.0.0.1:{out_port}/"])
+                run([ctl, *get, f"http://127.0.0.1:{in_port}/"])
+            # One connection, five requests: the kernel did not track its connect(), so its
+            # first HTTP write asks the daemon to adopt it; it must stay left out.
+            urls = [f"http://127.0.0.1:{out_port}/{i}" for i in range(5)]
+            run([ka, *get, *["-o", "/dev/null"] * 4, *urls])
+            delta = d.settle(processes=names, quiet=2.0) - before
+    finally:
+        d.stop()
+    assert counts(delta, "t_xp_ctl") == exchange("c", "s", "http1", 5, 0)["c"]
+    assert counts(delta, "t_xp_ngx2") == exchange("c", "s", "http1", 5, 0)["s"]
+    for excluded in ("t_xp_cli", "t_xp_ka", "t_xp_ngx"):
+        assert counts(delta, excluded) == {}, excluded
+    assert delta.total("hopwatch_events_lost_total") == 0
+
+
 def test_self_metrics_present(daemon: Daemon, tmp_path: Path) -> None:
     # One exchange of its own: the per-chunk counters exist once a chunk was delivered, and
     # the test must not depend on the tests run before it.

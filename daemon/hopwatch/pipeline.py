@@ -49,6 +49,8 @@ SKIP_MIN_BYTES = 1024
 
 #: `Connection.state` of a connection whose process `[processes]` leaves out.
 _EXCLUDED = "excluded"
+# Listening sockets whose port `exclude_ports` looked up, remembered (per process and fd).
+_LISTEN_PORTS_MAX = 4096
 
 
 class CaptureControl(Protocol):
@@ -163,6 +165,7 @@ class Pipeline:
         self.tls_ciphertext_chunks = 0  # socket bytes of TLS connections kept from the parsers
         # Connections that have a parser (a `_ConnState`), for `rest_idle`.
         self._awake: dict[tuple[int, int], Connection] = {}
+        self._listen_ports: dict[tuple[int, int], int] = {}  # see _open_excluded
 
     @property
     def config(self) -> Config:
@@ -180,6 +183,8 @@ class Pipeline:
         if isinstance(ev, DataChunk):
             self._data(ev)
         elif isinstance(ev, ConnOpened):
+            if self.config.capture.exclude_ports and self._open_excluded(ev):
+                return
             self.conns.open_quiet(ev)
         elif isinstance(ev, ConnClosed):
             conn = self.conns.close(ev.tgid, ev.fd)
@@ -188,6 +193,9 @@ class Pipeline:
         elif isinstance(ev, ProcessExited):
             for conn in self.conns.process_exited(ev.tgid):
                 self._eof(conn)
+            if self._listen_ports:
+                for key in [k for k in self._listen_ports if k[0] == ev.tgid]:
+                    del self._listen_ports[key]
         elif isinstance(ev, LostEvents):
             self.lost[ev.reason] = self.lost.get(ev.reason, 0) + ev.count
         elif isinstance(ev, UnknownFd):
@@ -198,12 +206,55 @@ class Pipeline:
                 conn.sni = ev.server_name
 
     def _selected(self, conn: Connection) -> bool:
-        """`[processes]` include/exclude by comm, systemd unit or label (container)."""
+        """`[processes]` include/exclude by comm, systemd unit or label (container), and
+        `[capture] exclude_ports` for a connection the kernel did not see open."""
+        ports = self.config.capture.exclude_ports
+        if ports and self._port_excluded(conn, ports):
+            return False
         wanted = self.config.processes
         if not wanted.active:
             return True
         proc = conn.process
         return wanted.selects(proc.comm, proc.unit, proc.label)
+
+    # `[capture] exclude_ports`: never copy traffic on these local or remote ports. The kernel
+    # leaves out a connect() to one, but it cannot see the local port of an accepted
+    # connection (the listening socket's), and a connection it did not see open comes back
+    # through adoption (its first HTTP write, the scan at start). So userspace decides too:
+    # an accepted connection by its listening socket's port, asked of that socket (which
+    # outlives the connection) once per listening fd; an adopted one by both ends, at its
+    # first data. What it excludes gets no parser, and the kernel stops copying it (its
+    # syscalls count as "ignored").
+
+    def _open_excluded(self, ev: ConnOpened) -> bool:
+        ports = self.config.capture.exclude_ports
+        excluded = ev.peer is not None and ev.peer.port in ports
+        if not excluded and ev.role == "server" and ev.listen_fd >= 0:
+            key = (ev.tgid, ev.listen_fd)
+            port = self._listen_ports.get(key)
+            if port is None:
+                port = self.conns.procfs.local_port(ev.tgid, ev.listen_fd) or 0
+                if len(self._listen_ports) >= _LISTEN_PORTS_MAX:
+                    self._listen_ports.clear()
+                self._listen_ports[key] = port
+            excluded = port in ports
+        if not excluded:
+            return False
+        conn = self.conns.open(ev)
+        conn.state = _EXCLUDED
+        if self.control is not None:
+            self.control.ignore(ev.tgid, ev.fd, as_of_ns=ev.ts_ns)
+        return True
+
+    def _port_excluded(self, conn: Connection, ports: tuple[int, ...]) -> bool:
+        if conn.peer is not None and conn.peer.port in ports:
+            return True
+        if conn.local is not None and conn.local.port in ports:
+            return True  # a replayed capture knows it
+        if conn.origin == "opened":
+            return False  # decided at its open
+        self.conns.resolve(conn)
+        return conn.local is not None and conn.local.port in ports
 
     def _unknown_fd(self, ev: UnknownFd) -> None:
         """An untracked fd wrote HTTP-looking bytes: adopt it if /proc says inet socket."""

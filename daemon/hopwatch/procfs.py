@@ -501,6 +501,36 @@ class ProcFS:
             sock.close()
         return _sockaddr(family, local), _sockaddr(family, peer)
 
+    def local_port(self, pid: int, fd: int) -> int | None:
+        """The local port of ``pid``'s inet socket ``fd`` (a listening one, say), asked of the
+        socket itself as :meth:`socket_ends` does; None when that is not possible or the fd
+        is not an inet socket (any more)."""
+        if not self._getfd:
+            return None
+        try:
+            pidfd = _pidfd_open(pid)
+        except OSError:
+            return None
+        try:
+            dup = _LIBC.syscall(_SYS_PIDFD_GETFD, pidfd, fd, 0)
+        finally:
+            os.close(pidfd)
+        if dup < 0:
+            return None
+        try:
+            sock = socket.socket(fileno=dup)
+        except OSError:
+            os.close(dup)
+            return None
+        try:
+            if sock.family not in _INET_FAMILIES:
+                return None
+            return int(sock.getsockname()[1])
+        except OSError:
+            return None
+        finally:
+            sock.close()
+
     def socket_protocol(self, pid: int, fd: int) -> str | None:
         """``TCP``, ``TCPv6``, ``UNIX-STREAM``, ``UDP``...; None when the kernel will not say."""
         try:

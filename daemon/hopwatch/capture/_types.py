@@ -91,6 +91,7 @@ class ConnOpened:
     peer: SockAddr | None
     ts_ns: int
     comm: str = ""
+    listen_fd: int = -1  # accept: the listening socket it came from (live capture only)
 
 
 @dataclass(frozen=True, **SLOTS)

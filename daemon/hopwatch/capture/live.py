@@ -218,7 +218,7 @@ class Cfg(ct.Structure):
 
 _HDR = struct.Struct("<BBBBiIIQ16s")
 _DATA = struct.Struct("<QQQIIQ")
-_CONN = struct.Struct("<HHI16sQ")
+_CONN = struct.Struct("<HHi16sQ")
 _TLS = struct.Struct("<QII")
 _HDR_DATA = struct.Struct(_HDR.format + _DATA.format.removeprefix("<"))
 _DATA_START = _HDR_DATA.size
@@ -1039,7 +1039,7 @@ class LiveCapture:
         kind, d, flags, role, fd, tgid, tid, ts, comm = _HDR.unpack_from(rec)
         self._lifecycle_read += 1
         if kind == EV_OPEN:
-            family, port, _pad, addr, _cookie = _CONN.unpack_from(rec, _HDR.size)
+            family, port, listen_fd, addr, _cookie = _CONN.unpack_from(rec, _HDR.size)
             if self._ctl:
                 self._ctl.pop((tgid, fd), None)
             self._track(tgid, fd)
@@ -1048,7 +1048,7 @@ class LiveCapture:
                 name = self._comm_name(comm)
             self._slots.append(
                 ConnOpened(tgid, tid, fd, ROLE_NAMES.get(role, ""), _peer(family, port, addr),
-                           ts, name)
+                           ts, name, listen_fd)
             )
         elif kind == EV_CLOSE:
             self._forget(tgid, fd)
