@@ -451,21 +451,11 @@ class ProcFS:
         link = self.fd_link(pid, fd)
         return _socket_inode(link) if link is not None else None
 
-    def socket_ends(
-        self, pid: int, fd: int, inode: int
-    ) -> tuple[SockAddr, SockAddr] | Lookup | None:
-        """(local, peer) of ``pid``'s connected inet TCP socket ``fd``, asked of the socket
-        itself: a copy of the fd (``pidfd_getfd``, which needs what reading another
-        process's fds needs: CAP_SYS_PTRACE), ``getsockname``/``getpeername``, closed at
-        once. No namespace table is read (one holds every socket of the namespace: 200k rows
-        on a busy node).
-
-        ``Lookup.GONE`` when the answer is known to be "no connection": the process or the
-        fd is gone, the fd holds something else now, the socket is not connected (any
-        more). None when asking is not possible here (another /proc root, an old kernel, a
-        seccomp filter, no permission); only then may the caller fall back to the table.
-        """
-        if not self._getfd or inode <= 0:
+    def _copy_fd(self, pid: int, fd: int) -> int | Lookup | None:
+        """A copy of ``pid``'s fd ``fd`` in this process (``pidfd_getfd``; the caller closes
+        it); ``Lookup.GONE`` when the process or the fd is gone, None when copying is not
+        possible here (see :meth:`socket_ends`)."""
+        if not self._getfd:
             return None
         try:
             pidfd = _pidfd_open(pid)
@@ -482,6 +472,27 @@ class ProcFS:
                 return Lookup.GONE if err in (errno.EBADF, errno.ESRCH) else None
         finally:
             os.close(pidfd)
+        return int(dup)
+
+    def socket_ends(
+        self, pid: int, fd: int, inode: int
+    ) -> tuple[SockAddr, SockAddr] | Lookup | None:
+        """(local, peer) of ``pid``'s connected inet TCP socket ``fd``, asked of the socket
+        itself: a copy of the fd (``pidfd_getfd``, which needs what reading another
+        process's fds needs: CAP_SYS_PTRACE), ``getsockname``/``getpeername``, closed at
+        once. No namespace table is read (one holds every socket of the namespace: 200k rows
+        on a busy node).
+
+        ``Lookup.GONE`` when the answer is known to be "no connection": the process or the
+        fd is gone, the fd holds something else now, the socket is not connected (any
+        more). None when asking is not possible here (another /proc root, an old kernel, a
+        seccomp filter, no permission); only then may the caller fall back to the table.
+        """
+        if inode <= 0:
+            return None
+        dup = self._copy_fd(pid, fd)
+        if not isinstance(dup, int):
+            return dup
         try:
             if os.fstat(dup).st_ino != inode:
                 os.close(dup)
@@ -505,17 +516,8 @@ class ProcFS:
         """The local port of ``pid``'s inet socket ``fd`` (a listening one, say), asked of the
         socket itself as :meth:`socket_ends` does; None when that is not possible or the fd
         is not an inet socket (any more)."""
-        if not self._getfd:
-            return None
-        try:
-            pidfd = _pidfd_open(pid)
-        except OSError:
-            return None
-        try:
-            dup = _LIBC.syscall(_SYS_PIDFD_GETFD, pidfd, fd, 0)
-        finally:
-            os.close(pidfd)
-        if dup < 0:
+        dup = self._copy_fd(pid, fd)
+        if not isinstance(dup, int):
             return None
         try:
             sock = socket.socket(fileno=dup)
