@@ -232,10 +232,9 @@ def saturation(
             d.stop()
         if r % 2 == 1:
             baselines()
-    rps_without = [w["requests"] / w["seconds"] for w in without]
-    rps_trivial = [w["requests"] / w["seconds"] for w in trivial]
-    rps_with = [w["requests"] / w["seconds"] for w in with_]
-    rps_stopped = [w["requests"] / w["seconds"] for w in stopped]
+    rps_without, rps_trivial, rps_with, rps_stopped = (
+        [w["requests"] / w["seconds"] for w in runs] for runs in (without, trivial, with_, stopped)
+    )
     return {
         "rounds": rounds,
         "seconds": seconds,

@@ -249,11 +249,8 @@ class Pipeline:
     def _port_excluded(self, conn: Connection, ports: tuple[int, ...]) -> bool:
         if conn.peer is not None and conn.peer.port in ports:
             return True
-        if conn.local is not None and conn.local.port in ports:
-            return True  # a replayed capture knows it
-        if conn.origin == "opened":
-            return False  # decided at its open
-        self.conns.resolve(conn)
+        if conn.origin != "opened":  # an opened one was judged at its open (or replayed)
+            self.conns.resolve(conn)
         return conn.local is not None and conn.local.port in ports
 
     def _unknown_fd(self, ev: UnknownFd) -> None:
