@@ -88,6 +88,27 @@ def scrape(addr: str) -> Snapshot:
     return (samples and Snapshot(samples)) or Snapshot({})
 
 
+# The counters `Daemon.settle` waits on: everything the traffic under test moves, and
+# nothing the settle's own scrapes move except in series labelled with this process.
+_PROGRESS = (
+    "hopwatch_http_messages_total",
+    "hopwatch_findings_total",
+    "hopwatch_hops_total",
+    "hopwatch_unattributed_requests_total",
+    "hopwatch_parse_errors_total",
+    "hopwatch_stream_desyncs_total",
+    "hopwatch_stream_gap_bytes_total",
+    "hopwatch_non_http_connections_total",
+    "hopwatch_unknown_fd_chunks_total",
+    "hopwatch_events_lost_total",
+    "hopwatch_audit_lines_total",
+)
+
+
+def _own_comm() -> str:
+    return Path("/proc/self/comm").read_text().strip()
+
+
 class Daemon:
     """A real `hopwatch run` subprocess (the console script, as an operator starts it)."""
 
@@ -145,20 +166,33 @@ class Daemon:
         return dict(series[0])
 
     def settle(
-        self, timeout: float = 10.0, quiet: float = 0.5, processes: tuple[str, ...] = ()
+        self,
+        timeout: float = 10.0,
+        quiet: float = 0.5,
+        processes: tuple[str, ...] = (),
+        since: Snapshot | None = None,
     ) -> Snapshot:
-        """Scrape until the capture counters stop moving for `quiet` seconds. An overloaded
+        """Scrape until the capture's counters stop moving for `quiet` seconds. An overloaded
         daemon pauses on purpose (up to 1 s, its CPU budget) with records still in the ring:
-        that is not settled. The scrapes themselves are traffic the daemon counts (this
-        process's requests to /metrics, 10 per second): with `processes`, only the messages
-        of those processes are watched, so that the scrapes do not keep it unsettled."""
+        that is not settled.
+
+        The scrapes themselves are traffic the daemon counts (this process's requests to
+        /metrics, 10 per second), so they are left out: the series labelled with this
+        process's name, and the chunk and byte counters, which have no process label. With
+        `processes`, only the messages of those processes are watched. With `since` (the
+        snapshot taken before the traffic under test), the counters must also have moved
+        from it: a daemon that has not started on the traffic yet is not settled."""
 
         def progress(s: Snapshot) -> tuple[float, ...]:
             if processes:
                 return tuple(s.total("hopwatch_http_messages_total", process=p) for p in processes)
-            keys = ("hopwatch_capture_chunks_total", "hopwatch_http_messages_total")
-            return tuple(s.total(k) for k in keys)
+            return tuple(
+                sum(v for (n, ls), v in s.samples.items() if n == key and own not in ls)
+                for key in _PROGRESS
+            )
 
+        own = ("process", _own_comm())
+        start = None if since is None else progress(since)
         deadline = time.monotonic() + timeout
         last = self.scrape()
         stable_since = time.monotonic()
@@ -168,9 +202,9 @@ class Daemon:
             if now.total("hopwatch_capture_overloaded") or progress(now) != progress(last):
                 stable_since = time.monotonic()
                 last = now
-            elif time.monotonic() - stable_since >= quiet:
+            elif time.monotonic() - stable_since >= quiet and progress(now) != start:
                 return now
-        return last
+        raise AssertionError(f"the daemon's counters did not settle within {timeout}s")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
         if self.proc.poll() is None:

@@ -78,8 +78,10 @@ def test_kill9_under_load_leaves_no_program_and_a_restart_counts_exactly(
             ours = bpf_prog_ids(d.proc.pid)
             assert len(ours) >= 10, ours  # the syscall tracepoints, copy chain, uprobes
             assert ours <= loaded_prog_ids()
-            busy = d.settle(timeout=3, quiet=10)  # never quiet: the load runs
-            assert busy.total("hopwatch_http_messages_total", process="ft_load") > 0
+            # The load never pauses: wait until the daemon counts it, mid-load.
+            assert wait_for(
+                lambda: d.scrape().total("hopwatch_http_messages_total", process="ft_load") > 0
+            )
             d.proc.kill()  # SIGKILL, mid-load: no shutdown code runs
             d.proc.wait(10)
             # The kernel detaches and frees what the dead process held (its fds closed).
@@ -157,13 +159,14 @@ def test_processes_exiting_mid_request_free_their_state(tmp_path: Path) -> None:
             pids = [sink_proc.pid, client.pid]
             d = Daemon(tmp_path, config=f"[capture]\ninclude_pids = {pids}\n", name="hw_exit")
             try:
-                base = gauges(d.settle())
+                start = d.settle()
+                base = gauges(start)
                 # k connections, one request each; the server never answers.
                 client.stdin.write(f"open 127.0.0.1 {port} {k}\npaced {k} 0.005\n")
                 client.stdin.flush()
                 assert client.stdout.readline().startswith("ok")
                 assert client.stdout.readline().startswith("ok")
-                busy = d.settle()
+                busy = d.settle(since=start)
                 seen = gauges(busy)
                 assert seen["connections_tracked"] >= base["connections_tracked"] + 2 * k
                 assert (
@@ -217,7 +220,7 @@ def test_a_full_audit_disk_does_not_stop_metrics(tmp_path: Path) -> None:
                 def batch(n: int) -> Snapshot:
                     before = d.scrape()
                     run([curl, "-sS", "-o", "/dev/null", "-H", bad] + [url] * n)
-                    return d.settle() - before
+                    return d.settle(since=before) - before
 
                 ok = batch(3)
                 assert ok.total("hopwatch_audit_lines_total") >= 3

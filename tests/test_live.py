@@ -47,7 +47,7 @@ def findings(delta: Delta, process: str) -> dict[tuple[str, str], float]:
 def traffic(daemon: Daemon, fn) -> Delta:  # type: ignore[no-untyped-def]
     before = daemon.settle()
     fn()
-    return daemon.settle() - before
+    return daemon.settle(since=before) - before
 
 
 def exchange(
@@ -614,7 +614,7 @@ def test_keepalive_connection_opened_before_daemon(tmp_path: Path) -> None:
             client.stdin.flush()
             assert client.stdout.readline() == b"done\n"
             client.wait(10)
-            delta = d.settle() - before
+            delta = d.settle(since=before) - before
         finally:
             t0 = time.monotonic()
             rc = d.stop()

@@ -127,7 +127,7 @@ def test_overload_is_accounted_exactly_and_the_daemon_recovers(
 
             sent0 = CONNECTIONS
             sent = client.do(f"burst {BURST}") - sent0
-            after = d.settle(timeout=30)
+            after = d.settle(timeout=30, since=before)
             delta = after - before
             parsed = requests_parsed(delta)
             by_reason = delta.series("hopwatch_events_lost_total")
@@ -145,7 +145,7 @@ def test_overload_is_accounted_exactly_and_the_daemon_recovers(
 
             # Recovery: load drops, a paced batch is counted exactly, nothing lost.
             client.do(f"paced {CLEAN} 0.001")
-            end = d.settle()
+            end = d.settle(since=after)
             clean = end - after
             assert requests_parsed(clean) == CLEAN
             assert lost(clean) == 0

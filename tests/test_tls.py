@@ -61,7 +61,7 @@ def findings(delta: Delta, process: str) -> dict[tuple[str, str, str], float]:
 def traffic(daemon: Daemon, fn) -> Delta:  # type: ignore[no-untyped-def]
     before = daemon.settle()
     fn()
-    return daemon.settle() - before
+    return daemon.settle(since=before) - before
 
 
 @pytest.fixture(scope="module")
