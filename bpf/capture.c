@@ -9,6 +9,10 @@
 //   emit EV_OPEN with the peer sockaddr read from user memory. close() enter removes them
 //   (EV_CLOSE). sched_process_exit of a whole thread group emits EV_EXIT; userspace then
 //   deletes that tgid's entries (it knows them from the events it received).
+// * `exclude_ports`: a connect() to an excluded port is left out here, and so is an accept()
+//   on a listening socket this process bound to one (bind() enter records (tgid, fd) ->
+//   port while ports are excluded). A left-out connection's fd is marked in `unknown_seen`
+//   so that its data does not come back as an unknown fd; userspace judges the rest.
 // * Data syscalls: the enter program stashes (fd, buffer/iovec/msghdr pointer, count) per
 //   thread, only for fds present in `conns` that pass the filters; the exit program copies
 //   the `ret` bytes that really moved, walking iovecs (and mmsghdr arrays) with one flat,
@@ -335,6 +339,11 @@ static __always_inline u64 rb_flags(void) {
 BPF_HASH(conns, struct conn_key, struct conn_val, CONN_MAX);
 BPF_HASH(ctl, struct conn_key, struct ctl_val, CONN_MAX);
 BPF_TABLE("lru_hash", struct conn_key, u8, unknown_seen, 16384);
+// While ports are excluded: the port each (tgid, fd) bound (bind() enter), so that an accept
+// on a listening socket of an excluded port is left out here, as a connect() to one is (the
+// accept's sockaddr is the client's). Sockets bound before the start, or by another process
+// (a prefork server's parent), are not known: userspace asks the listening socket.
+BPF_TABLE("lru_hash", struct conn_key, u16, bound_ports, 16384);
 BPF_HASH(conn_args, u32, struct conn_args, 4096);
 BPF_HASH(pid_filter, u32, u8, 4096);
 BPF_HASH(cgroup_filter, u64, u8, 4096);
@@ -680,8 +689,22 @@ static __always_inline int conn_exit(long ret) {
             return 0;  // AF_UNIX, AF_NETLINK, AF_UNSPEC (disconnect), ...
         port = ((u16)sa[2] << 8) | sa[3];
     }
-    if (task_filtered(c, tgid) || port_filtered(c, port)) {
+    if (task_filtered(c, tgid)) {
         count(C_FILTERED, 1);
+        return 0;
+    }
+    s32 listen_fd = a.role == ROLE_SERVER ? a.fd : -1;
+    u16 *bound = 0;
+    if (listen_fd >= 0 && (c->flags & CF_PORT_ANY)) {
+        struct conn_key lk = {.tgid = tgid, .fd = listen_fd};
+        bound = bound_ports.lookup(&lk);
+    }
+    if (port_filtered(c, port) || (bound && port_filtered(c, *bound))) {
+        count(C_FILTERED, 1);
+        // Its data must not come back through the unknown-fd path either (until close).
+        struct conn_key fk = {.tgid = tgid, .fd = fd};
+        u8 done = UNKNOWN_DONE;
+        unknown_seen.update(&fk, &done);
         return 0;
     }
 
@@ -694,7 +717,7 @@ static __always_inline int conn_exit(long ret) {
     e->h.role = a.role;
     e->family = family;
     e->port = port;
-    e->listen_fd = a.role == ROLE_SERVER ? a.fd : -1;
+    e->listen_fd = bound ? -1 : listen_fd;  // -1: judged here, nothing for userspace to ask
     __builtin_memset(e->addr, 0, sizeof(e->addr));
     if (family == AF_INET_) {
         __builtin_memcpy(e->addr, &sa[4], 4);
@@ -737,10 +760,33 @@ TRACEPOINT_PROBE(syscalls, sys_exit_accept4) { return conn_exit(args->ret); }
 // ---------------------------------------------------------------------------------------
 // close and process exit
 
+TRACEPOINT_PROBE(syscalls, sys_enter_bind) {
+    u64 id = bpf_get_current_pid_tgid();
+    struct cfg *c = get_cfg();
+    if (!c || !(c->flags & CF_PORT_ANY) || (id >> 32) == c->self_tgid)
+        return 0;
+    u8 sa[4] = {};  // family (host order), port (network order)
+    if (bpf_probe_read_user(sa, sizeof(sa), (void *)args->umyaddr) != 0)
+        return 0;
+    u16 family = sa[0] | ((u16)sa[1] << 8);
+    if (family != AF_INET_ && family != AF_INET6_)
+        return 0;
+    struct conn_key k = {.tgid = id >> 32, .fd = (s32)args->fd};
+    u16 port = ((u16)sa[2] << 8) | sa[3];
+    if (port)
+        bound_ports.update(&k, &port);
+    else  // an ephemeral port: not known here
+        bound_ports.delete(&k);
+    return 0;
+}
+
 TRACEPOINT_PROBE(syscalls, sys_enter_close) {
     u64 id = bpf_get_current_pid_tgid();
     struct conn_key k = {.tgid = id >> 32, .fd = (s32)args->fd};
     unknown_seen.delete(&k);
+    struct cfg *c = get_cfg();
+    if (c && (c->flags & CF_PORT_ANY))
+        bound_ports.delete(&k);
     if (!conns.lookup(&k))
         return 0;
     conns.delete(&k);

@@ -664,6 +664,40 @@ def test_exclude_ports_leaves_out_both_ends(tmp_path: Path) -> None:
     assert delta.total("hopwatch_events_lost_total") == 0
 
 
+def test_exclude_ports_follows_a_listening_fd_reused_for_another_port(tmp_path: Path) -> None:
+    """A process serves an excluded port, closes that listening socket and listens on
+    another port under the same fd number: the connections it accepts there are counted
+    exactly (the daemon's memory of the fd's port must not outlive the socket)."""
+    out_port, in_port = free_port(), free_port()
+    d = Daemon(tmp_path, config=f"[capture]\nexclude_ports = [{out_port}]\n", name="hw_xreuse")
+    srv = named(tmp_path, "t_xr_srv", SYSTEM_PYTHON)
+    cli_out, cli_in = named(tmp_path, "t_xr_out", "curl"), named(tmp_path, "t_xr_in", "curl")
+    n_out, n_in = 3, 4
+    args = [srv, str(PEERS / "relisten_server.py"), str(out_port), str(n_out), str(in_port)]
+    proc = subprocess.Popen([*args, str(n_in)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    try:
+        before = d.settle()
+        get = ["-sf", "-H", f"traceparent: {TP}", "-o", "/dev/null"]
+        first_fd = proc.stdout.readline().strip()
+        for _ in range(n_out):
+            run([cli_out, *get, f"http://127.0.0.1:{out_port}/"])
+        second_fd = proc.stdout.readline().strip()
+        assert first_fd == second_fd != "", (first_fd, second_fd)
+        for _ in range(n_in):
+            run([cli_in, *get, f"http://127.0.0.1:{in_port}/"])
+        assert proc.wait(10) == 0
+        delta = d.settle(since=before) - before
+    finally:
+        proc.kill()
+        proc.wait()
+        d.stop()
+    assert counts(delta, "t_xr_in") == exchange("c", "s", "http1", n_in, 0)["c"]
+    assert counts(delta, "t_xr_srv") == exchange("c", "s", "http1", n_in, 0)["s"]
+    assert counts(delta, "t_xr_out") == {}
+    assert delta.total("hopwatch_events_lost_total", reason="ring_full") == 0
+
+
 def test_self_metrics_present(daemon: Daemon, tmp_path: Path) -> None:
     # One exchange of its own: the per-chunk counters exist once a chunk was delivered, and
     # the test must not depend on the tests run before it.

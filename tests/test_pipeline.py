@@ -6,10 +6,11 @@ from __future__ import annotations
 import socket
 
 from hopwatch.capture._types import ConnClosed, ConnOpened, DataChunk, Direction, SockAddr
-from hopwatch.config import Config
+from hopwatch.config import Config, parse_config
 from hopwatch.conntrack import ConnectionTable
 from hopwatch.metrics import Metrics
 from hopwatch.pipeline import Observation, Pipeline, _ConnState
+from hopwatch.procfs import ProcFS
 
 TGID = 4_000_000  # no such process: the identity comes from the event
 PEER = SockAddr(socket.AF_INET, "10.0.0.5", 40000)
@@ -133,3 +134,57 @@ def test_the_rest_sweep_visits_connections_with_a_parser_only_and_forgets_closed
     # Its parser goes on: a SETTINGS frame after the sweep parses without a fault.
     h2.chunk(Direction.RECV, bytes.fromhex("000000040000000000"), 11 * S)
     assert h2.count("hopwatch_parse_errors_total") == 0 and isinstance(h2.state, _ConnState)
+
+
+class _Listeners(ProcFS):
+    """/proc as far as listening sockets go: fd -> (inode, port), changed by the test."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fds: dict[int, tuple[int, int]] = {}
+        self.asked = 0
+
+    def socket_inode(self, pid: int, fd: int) -> int | None:
+        return self.fds[fd][0] if fd in self.fds else None
+
+    def local_port(self, pid: int, fd: int) -> int | None:
+        self.asked += 1
+        return self.fds[fd][1] if fd in self.fds else None
+
+
+def test_exclude_ports_asks_a_reused_listening_fd_again() -> None:
+    """Listening sockets the kernel did not see bound (bound before the start, or by a
+    prefork parent) are asked once per socket; a listening fd reused for another port is
+    asked again, and one gone already keeps the port it last had."""
+    procfs = _Listeners()
+    control = _Ignored()
+    pipe = Pipeline(
+        parse_config("[capture]\nexclude_ports = [8080]\n"),
+        Metrics(),
+        ConnectionTable(procfs=procfs),
+        control=control,  # type: ignore[arg-type]
+    )
+
+    def accept(fd: int) -> None:
+        pipe.handle(ConnOpened(TGID, TGID, fd, "server", PEER, fd, comm="api", listen_fd=3))
+
+    procfs.fds[3] = (100, 8080)
+    accept(10)
+    accept(11)
+    assert control.ignored == [(TGID, 10), (TGID, 11)] and procfs.asked == 1
+    procfs.fds[3] = (200, 9090)  # closed, and the fd now listens on another port
+    accept(12)
+    assert control.ignored == [(TGID, 10), (TGID, 11)] and procfs.asked == 2
+    del procfs.fds[3]  # gone by the time its connection is read: the port it last had
+    accept(13)
+    procfs.fds[3] = (300, 8080)
+    accept(14)
+    assert control.ignored == [(TGID, 10), (TGID, 11), (TGID, 14)] and procfs.asked == 3
+
+
+class _Ignored:
+    def __init__(self) -> None:
+        self.ignored: list[tuple[int, int]] = []
+
+    def ignore(self, tgid: int, fd: int, *, as_of_ns: int | None = None) -> None:
+        self.ignored.append((tgid, fd))

@@ -165,7 +165,7 @@ class Pipeline:
         self.tls_ciphertext_chunks = 0  # socket bytes of TLS connections kept from the parsers
         # Connections that have a parser (a `_ConnState`), for `rest_idle`.
         self._awake: dict[tuple[int, int], Connection] = {}
-        self._listen_ports: dict[tuple[int, int], int] = {}  # see _open_excluded
+        self._listen_ports: dict[tuple[int, int], tuple[int, int]] = {}  # _listen_port
 
     @property
     def config(self) -> Config:
@@ -230,14 +230,7 @@ class Pipeline:
         ports = self.config.capture.exclude_ports
         excluded = ev.peer is not None and ev.peer.port in ports
         if not excluded and ev.role == "server" and ev.listen_fd >= 0:
-            key = (ev.tgid, ev.listen_fd)
-            port = self._listen_ports.get(key)
-            if port is None:
-                port = self.conns.procfs.local_port(ev.tgid, ev.listen_fd) or 0
-                if len(self._listen_ports) >= _LISTEN_PORTS_MAX:
-                    self._listen_ports.clear()
-                self._listen_ports[key] = port
-            excluded = port in ports
+            excluded = self._listen_port(ev.tgid, ev.listen_fd) in ports
         if not excluded:
             return False
         conn = self.conns.open(ev)
@@ -245,6 +238,23 @@ class Pipeline:
         if self.control is not None:
             self.control.ignore(ev.tgid, ev.fd, as_of_ns=ev.ts_ns)
         return True
+
+    def _listen_port(self, tgid: int, fd: int) -> int:
+        """The port of a process's listening socket, remembered with the socket's inode: a
+        listening fd closed and reused for another port is asked again. When the fd is gone
+        already, the port it last had is the answer (0: unknown)."""
+        procfs = self.conns.procfs
+        inode = procfs.socket_inode(tgid, fd)
+        known = self._listen_ports.get((tgid, fd))
+        if known is not None and (inode is None or inode == known[0]):
+            return known[1]
+        if inode is None:
+            return 0
+        port = procfs.local_port(tgid, fd) or 0
+        if len(self._listen_ports) >= _LISTEN_PORTS_MAX:
+            self._listen_ports.clear()
+        self._listen_ports[(tgid, fd)] = (inode, port)
+        return port
 
     def _port_excluded(self, conn: Connection, ports: tuple[int, ...]) -> bool:
         if conn.peer is not None and conn.peer.port in ports:
