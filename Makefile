@@ -67,7 +67,7 @@ RUNTIME_USED = $(if $(filter auto,$(RUNTIME)),$(or $(PYPY_USABLE),cpython),$(RUN
 runtime: $(STAMP)
 	@case '$(RUNTIME)' in auto | pypy | cpython) ;; *) \
 	  echo "RUNTIME must be auto, pypy or cpython, not '$(RUNTIME)'" >&2; exit 2 ;; esac
-	$(if $(filter pypy,$(RUNTIME_USED)),@$(MAKE) --no-print-directory $(PYPY_STAMP))
+	$(if $(filter pypy,$(RUNTIME_USED)),@$(MAKE) -q $(PYPY_STAMP) || $(MAKE) --no-print-directory $(PYPY_STAMP))
 	$(if $(filter pypy,$(RUNTIME_USED)),ln -sfn $(abspath $(PYPY_VENV))/bin/hopwatch,rm -f) $(VENV)/hopwatch-pypy
 	@echo "runtime: $(RUNTIME_USED) (RUNTIME=$(RUNTIME))"
 
