@@ -113,10 +113,11 @@ uninstall:
 
 # --- fuzzing (fuzz/hopwatch_fuzz.py) -----------------------------------------------------
 # atheris (libFuzzer) campaigns on the HTTP/1, HTTP/2, connection and header-check entry
-# points, seeded with tests/fixtures; FUZZ_SECONDS per target. Corpora grow in fuzz/corpus
-# (not committed); a crash leaves fuzz/artifacts/crash-* and fails the target.
+# points and on the daemon's analysis of capture events (pipeline), seeded with
+# tests/fixtures; FUZZ_SECONDS per target. Corpora grow in fuzz/corpus (not committed); a
+# crash leaves fuzz/artifacts/crash-* and fails the target.
 FUZZ_SECONDS ?= 60
-FUZZ_TARGETS ?= http1 http2 conn header
+FUZZ_TARGETS ?= http1 http2 conn header pipeline
 .PHONY: fuzz
 fuzz: venv
 	$(PY) -m pip install -q atheris

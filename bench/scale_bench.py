@@ -127,7 +127,7 @@ def main() -> int:
         sockets = 2 * per_client * args.clients  # both ends are tracked
         snap = settle_gauge(d, base["connections_tracked"] + sockets)
         time.sleep(2)
-        snap = d.settle()
+        snap = d.settle(timeout=60)
         res["open"] = {k: v - base[k] for k, v in gauges(snap).items()}
         res["rss_open_mib"] = rss_mib(d.proc.pid)
         # Anonymous memory (heap, objects) and resident pages of files (the interpreter's

@@ -757,9 +757,6 @@ TRACEPOINT_PROBE(syscalls, sys_enter_accept4) {
 }
 TRACEPOINT_PROBE(syscalls, sys_exit_accept4) { return conn_exit(args->ret); }
 
-// ---------------------------------------------------------------------------------------
-// close and process exit
-
 TRACEPOINT_PROBE(syscalls, sys_enter_bind) {
     u64 id = bpf_get_current_pid_tgid();
     struct cfg *c = get_cfg();
@@ -779,6 +776,9 @@ TRACEPOINT_PROBE(syscalls, sys_enter_bind) {
         bound_ports.delete(&k);
     return 0;
 }
+
+// ---------------------------------------------------------------------------------------
+// close and process exit
 
 TRACEPOINT_PROBE(syscalls, sys_enter_close) {
     u64 id = bpf_get_current_pid_tgid();

@@ -5,6 +5,9 @@ Targets:
   http2   Http2Parser.receive_data / receive_gap / receive_eof
   conn    ConnectionParser (protocol detection, h2c upgrade, CONNECT tunnels)
   header  check_header(name, value) and check_message over the same lines
+  pipeline  the daemon's analysis of capture events (Pipeline, connection table, hop
+          analysis), as Daemon.process drives it: two processes, two fds each (see
+          `pipeline_ops`); the kernel's side is imitated (offsets, skips asked, ignores)
 
 An input is a list of records: one tag byte, a 2-byte big-endian length, the bytes. Tag bit 0
 picks the origin (0 client, 1 server); bit 1 makes the record a gap of `length` bytes; bit 2
@@ -24,12 +27,13 @@ import json
 import struct
 import sys
 from collections.abc import Iterator
+from typing import Any
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures"
 
-TARGETS = ("http1", "http2", "conn", "header")
+TARGETS = ("http1", "http2", "conn", "header", "pipeline")
 
 TAG_SERVER = 1
 TAG_GAP = 2
@@ -121,6 +125,7 @@ def seed(root: Path) -> dict[str, int]:
         "http2": [encode(c) for c in h2],
         "conn": [encode(c) for c in h1 + h2],
         "header": _header_seeds(),
+        "pipeline": [_pipeline_seed(c) for c in h1 + h2],
     }
     for target, inputs in corpora.items():
         d = root / target
@@ -188,7 +193,208 @@ def one_header(data: bytes) -> None:
     check_message(lines, header_block_bytes=len(data))
 
 
-ONE = {"http1": one_http1, "http2": one_http2, "conn": one_conn, "header": one_header}
+# -- pipeline ------------------------------------------------------------------------------
+# An input is a list of operations: one tag byte, a 2-byte big-endian number N, and for the
+# data operations N bytes. Tag bits 0-1 pick the connection: process 0 or 1 (bit 1), fd 5 or
+# 6 (bit 0); bits 2-4 the operation; bit 5 the direction of a data or loss operation (1:
+# received); bit 6 makes a data operation TLS plaintext; bit 7 makes it lose bytes after its
+# data (the copy cap: 16 * (N % 256) + 1 of them).
+OP_DATA, OP_OPEN_CLIENT, OP_OPEN_SERVER, OP_CLOSE, OP_EXIT, OP_LOST, OP_TIME, OP_UNKNOWN = range(8)
+TAG_RECV, TAG_TLS, TAG_MISSED = 0x20, 0x40, 0x80
+PIPE_TGID = 4_100_000  # no such process: identities come from the events
+PIPE_TIME_OPS = 64  # time operations per input: each runs the periodic work
+
+
+def pipeline_ops(data: bytes) -> Iterator[tuple[int, int, int, bytes]]:
+    """(tag, operation, N, payload) of a pipeline input."""
+    i = 0
+    while i + 3 <= len(data):
+        tag = data[i]
+        (n,) = struct.unpack(">H", data[i + 1 : i + 3])
+        i += 3
+        op = (tag >> 2) & 7
+        payload = b""
+        if op == OP_DATA:
+            payload = data[i : i + n]
+            i += n
+        yield tag, op, n, payload
+
+
+def encode_ops(ops: list[tuple[int, bytes | int]]) -> bytes:
+    """(tag, payload or N) operations -> one pipeline input (long payloads split)."""
+    out = bytearray()
+    for tag, arg in ops:
+        if isinstance(arg, int):
+            out += bytes([tag]) + struct.pack(">H", arg)
+            continue
+        for k in range(0, max(len(arg), 1), 0xFFFF):
+            part = arg[k : k + 0xFFFF]
+            out += bytes([tag]) + struct.pack(">H", len(part)) + part
+    return bytes(out)
+
+
+def _pipeline_seed(chunks: list[tuple[bool, bytes]]) -> bytes:
+    """A capture's exchange seen from both ends, and relayed by the server's process: process
+    0 is the client (fd 5); process 1 accepts it (fd 5) and makes each request again to an
+    upstream (fd 6), whose answer it forwards."""
+    data = OP_DATA << 2
+    ops: list[tuple[int, bytes | int]] = [
+        (0 | OP_OPEN_CLIENT << 2, 0),
+        (2 | OP_OPEN_SERVER << 2, 0),
+        (3 | OP_OPEN_CLIENT << 2, 0),
+    ]
+    for is_server, payload in chunks:
+        if is_server:
+            ops += [
+                (3 | data | TAG_RECV, payload),
+                (2 | data, payload),
+                (0 | data | TAG_RECV, payload),
+            ]
+        else:
+            ops += [(0 | data, payload), (2 | data | TAG_RECV, payload), (3 | data, payload)]
+        ops.append((OP_TIME << 2, 5))
+    ops += [(0 | OP_CLOSE << 2, 0), (2 | OP_CLOSE << 2, 0), (3 | OP_EXIT << 2, 0)]
+    return encode_ops(ops)
+
+
+class _Kernel:
+    """The capture's side of the pipeline's control: what it was asked to skip or ignore,
+    applied to the data that follows, as capture.c does."""
+
+    def __init__(self) -> None:
+        self.skip: dict[tuple[int, int, object, bool], int] = {}
+        self.ignored: set[tuple[int, int]] = set()
+
+    def ignore(self, tgid: int, fd: int, *, as_of_ns: int) -> None:
+        self.ignored.add((tgid, fd))
+
+    def adopt(self, tgid: int, fd: int, role: str) -> bool:
+        return True
+
+    def set_skip_until(
+        self,
+        tgid: int,
+        fd: int,
+        direction: object,
+        offset: int,
+        *,
+        tls: bool = False,
+        as_of_ns: int,
+    ) -> bool:
+        self.skip[(tgid, fd, direction, tls)] = offset
+        return True
+
+    def forget(self, tgid: int, fd: int) -> None:
+        self.ignored.discard((tgid, fd))
+        for key in [k for k in self.skip if k[:2] == (tgid, fd)]:
+            del self.skip[key]
+
+
+def one_pipeline(data: bytes) -> Any:
+    """Returns the run's `Metrics` (for the harness's own tests)."""
+    from hopwatch.capture._types import (
+        ConnClosed,
+        ConnOpened,
+        DataChunk,
+        Direction,
+        ProcessExited,
+        SockAddr,
+        UnknownFd,
+    )
+    from hopwatch.config import Config
+    from hopwatch.conntrack import ConnectionTable
+    from hopwatch.hops import HopAnalyzer
+    from hopwatch.metrics import Metrics
+    from hopwatch.pipeline import Pipeline
+
+    config, metrics, kernel = Config(), Metrics(), _Kernel()
+    hops = HopAnalyzer(config, metrics)
+    pipe = Pipeline(
+        config,
+        metrics,
+        ConnectionTable(),
+        control=kernel,
+        observers=(hops,),  # type: ignore[arg-type]
+    )
+    offsets: dict[tuple[int, int, Direction, bool], int] = {}
+    now = 10**12
+    time_ops = 0
+
+    def feed(ev: object) -> None:
+        pipe.handle(ev)  # type: ignore[arg-type]
+        if not isinstance(ev, DataChunk):
+            hops.handle_event(ev)  # type: ignore[arg-type]
+
+    def forget(tgid: int, fd: int) -> None:
+        kernel.forget(tgid, fd)
+        for key in [k for k in offsets if k[:2] == (tgid, fd)]:
+            del offsets[key]
+
+    for tag, op, n, payload in pipeline_ops(data):
+        tgid, fd = PIPE_TGID + (tag >> 1 & 1), 5 + (tag & 1)
+        comm = f"p{tag >> 1 & 1}"
+        direction = Direction.RECV if tag & TAG_RECV else Direction.SEND
+        tls = bool(tag & TAG_TLS)
+        now += 1000
+        if op == OP_DATA:
+            if (tgid, fd) in kernel.ignored:
+                continue
+            key = (tgid, fd, direction, tls)
+            offset = offsets.get(key, 0)
+            missed = 16 * (n % 256) + 1 if tag & TAG_MISSED else 0
+            skipped = min(len(payload), max(kernel.skip.get(key, 0) - offset, 0))
+            total = len(payload) + missed
+            offsets[key] = offset + total
+            feed(
+                DataChunk(
+                    tgid,
+                    tgid,
+                    fd,
+                    direction,
+                    now,
+                    total,
+                    payload[skipped:],
+                    skipped,
+                    tls,
+                    comm,
+                    offset,
+                )
+            )
+        elif op in (OP_OPEN_CLIENT, OP_OPEN_SERVER):
+            forget(tgid, fd)
+            role = "client" if op == OP_OPEN_CLIENT else "server"
+            peer = SockAddr(2, "10.0.0.9", 1024 + n)
+            feed(ConnOpened(tgid, tgid, fd, role, peer, now, comm))
+        elif op == OP_CLOSE:
+            forget(tgid, fd)
+            feed(ConnClosed(tgid, fd, now))
+        elif op == OP_EXIT:
+            for f in (5, 6):
+                forget(tgid, f)
+            feed(ProcessExited(tgid, now))
+        elif op == OP_LOST:  # records dropped: the next chunk starts further on
+            key = (tgid, fd, direction, tls)
+            offsets[key] = offsets.get(key, 0) + n
+        elif op == OP_TIME and time_ops < PIPE_TIME_OPS:
+            time_ops += 1
+            now += n * 10**6  # N milliseconds
+            pipe.rest_idle(now - 10**9)
+            pipe.conns.evict_idle(now, 60 * 10**9)
+        elif op == OP_UNKNOWN:
+            feed(UnknownFd(tgid, tgid, fd, direction, ("client", "server", "")[n % 3], now, comm))
+    internal = [k for k in metrics.parse_errors._children if k[-1].endswith("internal_error")]
+    if internal:
+        raise InternalError(f"the pipeline's parsers reported {internal}")
+    return metrics
+
+
+ONE = {
+    "http1": one_http1,
+    "http2": one_http2,
+    "conn": one_conn,
+    "header": one_header,
+    "pipeline": one_pipeline,
+}
 
 
 def main(argv: list[str]) -> int:
@@ -200,6 +406,9 @@ def main(argv: list[str]) -> int:
 
         target = argv[2]
         with atheris.instrument_imports():
+            import hopwatch.conntrack
+            import hopwatch.hops
+            import hopwatch.pipeline
             import hopwatch.propagation
             import hopwatch.protocols  # noqa: F401  (instrumented for coverage)
         atheris.Setup([argv[0], *argv[4:], argv[3]], ONE[target])

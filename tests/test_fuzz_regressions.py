@@ -96,3 +96,52 @@ def test_the_oracle_turns_internal_errors_into_crashes() -> None:
 
     with pytest.raises(FUZZ.InternalError):
         FUZZ._raise_internal([ParseFailed(None, "http1.internal_error", "boom")])  # type: ignore[arg-type]
+
+
+def test_the_pipeline_target_analyses_what_its_seeds_carry() -> None:
+    """Not a vacuous harness: a seed (one request and its response, relayed by process 1)
+    is counted on every end and attributed as one hop; the same input with the bytes of the
+    first request lost is counted as one message less on its receiver and no crash."""
+    exchange = [
+        (
+            False,
+            b"GET /x HTTP/1.1\r\nHost: a\r\ntraceparent: 00-"
+            + b"1" * 32
+            + b"-"
+            + b"2" * 16
+            + b"-01\r\n\r\n",
+        ),
+        (True, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"),
+    ]
+
+    def counted(metrics: object) -> dict[tuple[str, str, str], float]:
+        out: dict[tuple[str, str, str], float] = {}
+        for fam in metrics.registry.collect():  # type: ignore[attr-defined]
+            for s in fam.samples:
+                if s.name == "hopwatch_http_messages_total" and s.value:
+                    key = (s.labels["process"], s.labels["direction"], s.labels["kind"])
+                    out[key] = out.get(key, 0) + s.value
+                if s.name == "hopwatch_hops_total" and s.value:
+                    out[("hops", s.labels["process"], "")] = s.value
+        return out
+
+    m = FUZZ.one_pipeline(FUZZ._pipeline_seed(exchange))
+    assert counted(m) == {
+        ("p0", "outbound", "request"): 1,
+        ("p0", "inbound", "response"): 1,
+        ("p1", "inbound", "request"): 1,
+        ("p1", "outbound", "request"): 1,
+        ("p1", "inbound", "response"): 1,
+        ("p1", "outbound", "response"): 1,
+        ("hops", "p1", ""): 1,
+    }
+    # Process 1's receive of the request lost all its bytes (a dropped record): a gap.
+    ops = list(FUZZ.pipeline_ops(FUZZ._pipeline_seed(exchange)))
+    lossy = []
+    for tag, op, n, payload in ops:
+        if op == FUZZ.OP_DATA and tag & 3 == 2 and tag & FUZZ.TAG_RECV:
+            lossy.append((tag & 3 | FUZZ.TAG_RECV | FUZZ.OP_LOST << 2, n))
+            continue
+        lossy.append((tag, payload if op == FUZZ.OP_DATA else n))
+    m = FUZZ.one_pipeline(FUZZ.encode_ops(lossy))
+    assert ("p1", "inbound", "request") not in counted(m)
