@@ -27,8 +27,8 @@ import json
 import struct
 import sys
 from collections.abc import Iterator
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures"
@@ -125,7 +125,12 @@ def seed(root: Path) -> dict[str, int]:
         "http2": [encode(c) for c in h2],
         "conn": [encode(c) for c in h1 + h2],
         "header": _header_seeds(),
-        "pipeline": [_pipeline_seed(c) for c in h1 + h2],
+        # Each exchange under the default configuration and under one other part of it.
+        "pipeline": [
+            _pipeline_seed(c, config)
+            for k, c in enumerate(h1 + h2)
+            for config in (0, 1 << (k % len(PIPELINE_CONFIG_PARTS)))
+        ],
     }
     for target, inputs in corpora.items():
         d = root / target
@@ -194,15 +199,40 @@ def one_header(data: bytes) -> None:
 
 
 # -- pipeline ------------------------------------------------------------------------------
-# An input is a list of operations: one tag byte, a 2-byte big-endian number N, and for the
-# data operations N bytes. Tag bits 0-1 pick the connection: process 0 or 1 (bit 1), fd 5 or
-# 6 (bit 0); bits 2-4 the operation; bit 5 the direction of a data or loss operation (1:
-# received); bit 6 makes a data operation TLS plaintext; bit 7 makes it lose bytes after its
-# data (the copy cap: 16 * (N % 256) + 1 of them).
+# An input is a configuration byte (`pipeline_config`), then a list of operations: one tag
+# byte, a 2-byte big-endian number N, and for the data operations N bytes. Tag bits 0-1 pick
+# the connection: process 0 or 1 (bit 1), fd 5 or 6 (bit 0); bits 2-4 the operation; bit 5
+# the direction of a data or loss operation (1: received); bit 6 makes a data operation TLS
+# plaintext; bit 7 makes it lose bytes after its data (the copy cap: 16 * (N % 256) + 1).
 OP_DATA, OP_OPEN_CLIENT, OP_OPEN_SERVER, OP_CLOSE, OP_EXIT, OP_LOST, OP_TIME, OP_UNKNOWN = range(8)
 TAG_RECV, TAG_TLS, TAG_MISSED = 0x20, 0x40, 0x80
 PIPE_TGID = 4_100_000  # no such process: identities come from the events
 PIPE_TIME_OPS = 64  # time operations per input: each runs the periodic work
+
+
+#: Configuration byte bits: the parts of the configuration that change what the pipeline
+#: and the hop analysis do with the same traffic.
+PIPELINE_CONFIG_PARTS = (
+    '[egress]\nallow = ["127.0.0.0/8"]\n',  # the peers (10.0.0.9) are third parties
+    "[limits]\nbaggage_bytes = 64\nbaggage_members = 2\ntracestate_members = 2\n"
+    "tracestate_bytes = 64\nheader_block_bytes = 256\n",
+    '[processes]\nexclude = ["p1"]\n',
+    "[capture]\nexclude_ports = [1025, 1026]\n",  # the peers' ports are 1024 + N
+    "[sensitive]\nenabled = false\n",
+)
+_PIPELINE_CONFIGS: dict[int, object] = {}
+
+
+def pipeline_config(byte: int) -> Any:
+    """The `Config` a configuration byte stands for (parsed once per byte)."""
+    from hopwatch.config import parse_config
+
+    bits = byte & ((1 << len(PIPELINE_CONFIG_PARTS)) - 1)
+    config = _PIPELINE_CONFIGS.get(bits)
+    if config is None:
+        text = "".join(part for k, part in enumerate(PIPELINE_CONFIG_PARTS) if bits >> k & 1)
+        config = _PIPELINE_CONFIGS[bits] = parse_config(text)
+    return config
 
 
 def pipeline_ops(data: bytes) -> Iterator[tuple[int, int, int, bytes]]:
@@ -233,7 +263,7 @@ def encode_ops(ops: list[tuple[int, bytes | int]]) -> bytes:
     return bytes(out)
 
 
-def _pipeline_seed(chunks: list[tuple[bool, bytes]]) -> bytes:
+def _pipeline_seed(chunks: list[tuple[bool, bytes]], config: int = 0) -> bytes:
     """A capture's exchange seen from both ends, and relayed by the server's process: process
     0 is the client (fd 5); process 1 accepts it (fd 5) and makes each request again to an
     upstream (fd 6), whose answer it forwards."""
@@ -254,7 +284,7 @@ def _pipeline_seed(chunks: list[tuple[bool, bytes]]) -> bytes:
             ops += [(0 | data, payload), (2 | data | TAG_RECV, payload), (3 | data, payload)]
         ops.append((OP_TIME << 2, 5))
     ops += [(0 | OP_CLOSE << 2, 0), (2 | OP_CLOSE << 2, 0), (3 | OP_EXIT << 2, 0)]
-    return encode_ops(ops)
+    return bytes([config]) + encode_ops(ops)
 
 
 class _Kernel:
@@ -301,13 +331,14 @@ def one_pipeline(data: bytes) -> Any:
         SockAddr,
         UnknownFd,
     )
-    from hopwatch.config import Config
     from hopwatch.conntrack import ConnectionTable
     from hopwatch.hops import HopAnalyzer
     from hopwatch.metrics import Metrics
     from hopwatch.pipeline import Pipeline
 
-    config, metrics, kernel = Config(), Metrics(), _Kernel()
+    if not data:
+        return Metrics()
+    config, metrics, kernel = pipeline_config(data[0]), Metrics(), _Kernel()
     hops = HopAnalyzer(config, metrics)
     pipe = Pipeline(
         config,
@@ -330,7 +361,7 @@ def one_pipeline(data: bytes) -> Any:
         for key in [k for k in offsets if k[:2] == (tgid, fd)]:
             del offsets[key]
 
-    for tag, op, n, payload in pipeline_ops(data):
+    for tag, op, n, payload in pipeline_ops(data[1:]):
         tgid, fd = PIPE_TGID + (tag >> 1 & 1), 5 + (tag & 1)
         comm = f"p{tag >> 1 & 1}"
         direction = Direction.RECV if tag & TAG_RECV else Direction.SEND
@@ -364,7 +395,8 @@ def one_pipeline(data: bytes) -> Any:
             forget(tgid, fd)
             role = "client" if op == OP_OPEN_CLIENT else "server"
             peer = SockAddr(2, "10.0.0.9", 1024 + n)
-            feed(ConnOpened(tgid, tgid, fd, role, peer, now, comm))
+            listen_fd = 3 if role == "server" else -1  # asked of /proc: no such process
+            feed(ConnOpened(tgid, tgid, fd, role, peer, now, comm, listen_fd))
         elif op == OP_CLOSE:
             forget(tgid, fd)
             feed(ConnClosed(tgid, fd, now))

@@ -136,12 +136,22 @@ def test_the_pipeline_target_analyses_what_its_seeds_carry() -> None:
         ("hops", "p1", ""): 1,
     }
     # Process 1's receive of the request lost all its bytes (a dropped record): a gap.
-    ops = list(FUZZ.pipeline_ops(FUZZ._pipeline_seed(exchange)))
+    ops = list(FUZZ.pipeline_ops(FUZZ._pipeline_seed(exchange)[1:]))
     lossy = []
     for tag, op, n, payload in ops:
         if op == FUZZ.OP_DATA and tag & 3 == 2 and tag & FUZZ.TAG_RECV:
             lossy.append((tag & 3 | FUZZ.TAG_RECV | FUZZ.OP_LOST << 2, n))
             continue
         lossy.append((tag, payload if op == FUZZ.OP_DATA else n))
-    m = FUZZ.one_pipeline(FUZZ.encode_ops(lossy))
+    m = FUZZ.one_pipeline(b"\0" + FUZZ.encode_ops(lossy))
     assert ("p1", "inbound", "request") not in counted(m)
+    # The configuration byte matters: with the peers outside [egress], both outbound
+    # requests carrying the trace context leak it.
+    m = FUZZ.one_pipeline(FUZZ._pipeline_seed(exchange, config=1))
+    leaks = {
+        (s.labels["finding"], s.labels["process"]): s.value
+        for fam in m.registry.collect()
+        for s in fam.samples
+        if s.name == "hopwatch_findings_total" and s.value
+    }
+    assert leaks == {("leak", "p0"): 1, ("leak", "p1"): 1}, leaks
