@@ -218,13 +218,14 @@ class Pipeline:
         return wanted.selects(proc.comm, proc.unit, proc.label)
 
     # `[capture] exclude_ports`: never copy traffic on these local or remote ports. The kernel
-    # leaves out a connect() to one, but it cannot see the local port of an accepted
-    # connection (the listening socket's), and a connection it did not see open comes back
-    # through adoption (its first HTTP write, the scan at start). So userspace decides too:
-    # an accepted connection by its listening socket's port, asked of that socket (which
-    # outlives the connection) once per listening fd; an adopted one by both ends, at its
-    # first data. What it excludes gets no parser, and the kernel stops copying it (its
-    # syscalls count as "ignored").
+    # leaves out a connect() to one, and an accept() on a listening socket it saw this
+    # process bind to one. It cannot know the port of a socket bound before the start or by
+    # another process (a prefork server's parent), and a connection it did not see open
+    # comes back through adoption (its first HTTP write, the scan at start). So userspace
+    # decides those: an accepted connection by its listening socket's port, asked of that
+    # socket (which outlives the connection) once per socket; an adopted one by both ends,
+    # at its first data. What it excludes gets no parser, and the kernel stops copying it
+    # (its syscalls count as "ignored").
 
     def _open_excluded(self, ev: ConnOpened) -> bool:
         ports = self.config.capture.exclude_ports
