@@ -9,6 +9,10 @@
 //   emit EV_OPEN with the peer sockaddr read from user memory. close() enter removes them
 //   (EV_CLOSE). sched_process_exit of a whole thread group emits EV_EXIT; userspace then
 //   deletes that tgid's entries (it knows them from the events it received).
+// * An fd can also be closed without close(): exec closes close-on-exec fds (EV_EXEC;
+//   userspace deletes the entries whose fd no longer holds the socket), dup2 replaces one.
+//   A connect/accept that succeeds on an fd still in `conns` replaces the entry, or, when
+//   the new connection is left out, drops it with an EV_CLOSE.
 // * `exclude_ports`: a connect() to an excluded port is left out here, and so is an accept()
 //   on a listening socket this process bound to one (bind() enter records (tgid, fd) ->
 //   port while ports are excluded). A left-out connection's fd is marked in `unknown_seen`
@@ -648,6 +652,18 @@ static __always_inline int conn_enter(s32 fd, u64 addr, u64 addrlen, u8 role) {
     return 0;
 }
 
+// A connect/accept that succeeded but is not tracked: whatever `conns` still holds for its
+// fd belonged to a file that was closed without close(), by exec (close-on-exec) or dup2.
+static __always_inline int drop_stale(u64 id, s32 fd) {
+    struct conn_key k = {.tgid = id >> 32, .fd = fd};
+    if (!conns.lookup(&k))
+        return 0;
+    conns.delete(&k);
+    ctl.delete(&k);
+    emit_simple(EV_CLOSE, id, fd, 0, 0);
+    return 0;
+}
+
 static __always_inline int conn_exit(long ret) {
     u64 id = bpf_get_current_pid_tgid();
     u32 tid = (u32)id;
@@ -686,12 +702,12 @@ static __always_inline int conn_exit(long ret) {
             return 0;
         family = sa[0] | ((u16)sa[1] << 8);
         if (family != AF_INET_ && family != AF_INET6_)
-            return 0;  // AF_UNIX, AF_NETLINK, AF_UNSPEC (disconnect), ...
+            return drop_stale(id, fd);  // AF_UNIX, AF_NETLINK, AF_UNSPEC (disconnect), ...
         port = ((u16)sa[2] << 8) | sa[3];
     }
     if (task_filtered(c, tgid)) {
         count(C_FILTERED, 1);
-        return 0;
+        return drop_stale(id, fd);
     }
     s32 listen_fd = a.role == ROLE_SERVER ? a.fd : -1;
     u16 *bound = 0;
@@ -705,7 +721,7 @@ static __always_inline int conn_exit(long ret) {
         struct conn_key fk = {.tgid = tgid, .fd = fd};
         u8 done = UNKNOWN_DONE;
         unknown_seen.update(&fk, &done);
-        return 0;
+        return drop_stale(id, fd);
     }
 
     struct conn_ev *e = events.ringbuf_reserve(sizeof(struct conn_ev));

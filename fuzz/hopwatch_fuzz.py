@@ -204,6 +204,7 @@ def one_header(data: bytes) -> None:
 # the connection: process 0 or 1 (bit 1), fd 5 or 6 (bit 0); bits 2-4 the operation; bit 5
 # the direction of a data or loss operation (1: received); bit 6 makes a data operation TLS
 # plaintext; bit 7 makes it lose bytes after its data (the copy cap: 16 * (N % 256) + 1).
+# The exit operation is an exec instead when N is odd.
 OP_DATA, OP_OPEN_CLIENT, OP_OPEN_SERVER, OP_CLOSE, OP_EXIT, OP_LOST, OP_TIME, OP_UNKNOWN = range(8)
 TAG_RECV, TAG_TLS, TAG_MISSED = 0x20, 0x40, 0x80
 PIPE_TGID = 4_100_000  # no such process: identities come from the events
@@ -266,7 +267,7 @@ def encode_ops(ops: list[tuple[int, bytes | int]]) -> bytes:
 def _pipeline_seed(chunks: list[tuple[bool, bytes]], config: int = 0) -> bytes:
     """A capture's exchange seen from both ends, and relayed by the server's process: process
     0 is the client (fd 5); process 1 accepts it (fd 5) and makes each request again to an
-    upstream (fd 6), whose answer it forwards."""
+    upstream (fd 6), whose answer it forwards, then runs exec."""
     data = OP_DATA << 2
     ops: list[tuple[int, bytes | int]] = [
         (0 | OP_OPEN_CLIENT << 2, 0),
@@ -283,7 +284,8 @@ def _pipeline_seed(chunks: list[tuple[bool, bytes]], config: int = 0) -> bytes:
         else:
             ops += [(0 | data, payload), (2 | data | TAG_RECV, payload), (3 | data, payload)]
         ops.append((OP_TIME << 2, 5))
-    ops += [(0 | OP_CLOSE << 2, 0), (2 | OP_CLOSE << 2, 0), (3 | OP_EXIT << 2, 0)]
+    # The relay ends by exec (its connections end without a close), then exits.
+    ops += [(0 | OP_CLOSE << 2, 0), (3 | OP_EXIT << 2, 1), (3 | OP_EXIT << 2, 0)]
     return bytes([config]) + encode_ops(ops)
 
 
@@ -314,7 +316,7 @@ class _Kernel:
         self.skip[(tgid, fd, direction, tls)] = offset
         return True
 
-    def forget(self, tgid: int, fd: int) -> None:
+    def forget(self, tgid: int, fd: int, *, as_of_ns: int = 0) -> None:
         self.ignored.discard((tgid, fd))
         for key in [k for k in self.skip if k[:2] == (tgid, fd)]:
             del self.skip[key]
@@ -327,6 +329,7 @@ def one_pipeline(data: bytes) -> Any:
         ConnOpened,
         DataChunk,
         Direction,
+        ProcessExecuted,
         ProcessExited,
         SockAddr,
         UnknownFd,
@@ -403,7 +406,7 @@ def one_pipeline(data: bytes) -> Any:
         elif op == OP_EXIT:
             for f in (5, 6):
                 forget(tgid, f)
-            feed(ProcessExited(tgid, now))
+            feed(ProcessExecuted(tgid, now) if n & 1 else ProcessExited(tgid, now))
         elif op == OP_LOST:  # records dropped: the next chunk starts further on
             key = (tgid, fd, direction, tls)
             offsets[key] = offsets.get(key, 0) + n

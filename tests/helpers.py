@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -322,6 +322,16 @@ def python_env() -> dict[str, str]:
     return env
 
 
+def wait_for(cond: Callable[[], bool], timeout: float = 15.0) -> bool:
+    """Poll ``cond`` until it holds (True) or ``timeout`` passes (its last answer)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.1)
+    return cond()
+
+
 def make_env() -> dict[str, str]:
     """Environment for `make` as a user runs it: without the RUNTIME, PYPY or MAKEFLAGS of a
     `make test` that started these tests."""
@@ -406,5 +416,6 @@ __all__ = [
     "server",
     "sys",
     "veth_namespace",
+    "wait_for",
     "wait_port",
 ]

@@ -584,3 +584,49 @@ def test_quiet_connections_are_bounded_and_expire(fake: Path, packing: bool):
     assert [c.fd for c in t.evict_idle(now_ns=10, idle_ns=7)] == [10, 12]
     assert len(t) == 1 and (8, 13) in t
     assert drops[1:] == [(10, "idle"), (12, "idle")]
+
+
+def test_exec_ends_the_connections_whose_fd_lost_their_socket(fake: Path, packing: bool):
+    """After an exec a connection stays only while its fd holds its socket (the new image
+    inherited it). Those exec closed (the fd is gone, or holds a file, a pipe or another
+    socket now) end, quiet ones too; the survivors carry the new image's name."""
+    t = table(fake)
+    kept = t.open(opened(7, 4))  # fd 4 still holds the socket connected to PEER
+    t.open(opened(7, 5, role="server", peer=SockAddr(V4, "10.9.9.9", 1)))  # another socket
+    t.open(opened(7, 7))  # a file now
+    t.open(opened(7, 30))  # no fd 30 any more
+    t.open_quiet(opened(7, 8))  # a pipe now
+    far = t.get_or_adopt(7, 9, 2)  # adopted: its socket's inode is known
+    other = t.open(opened(8, 4))
+    assert t.get_or_adopt(7, 6, 3) is None and t.negative_cached == 1
+    (fake / "7" / "comm").write_text("image2\n")
+    out = t.process_executed(7)
+    assert [c.fd for c in out] == [8, 5, 7, 30]  # the quiet one, then by fd
+    assert far is not None and list(t) == [kept, far, other]
+    assert kept.process.comm == far.process.comm == "image2"
+    assert other.process.comm == "worker" and t.negative_cached == 0
+    assert t.counters()["exec_closed"] == 4
+    # The adopted one is judged by its inode: another connected socket on fd 9 is not it.
+    (fake / "7" / "fd" / "9").unlink()
+    (fake / "7" / "fd" / "9").symlink_to("socket:[14713]")
+    assert t.process_executed(7) == [far] and list(t) == [kept, other]
+    # A quiet survivor: what wakes is named after the new image.
+    t.close(7, 4)
+    t.open_quiet(opened(7, 4))
+    (fake / "7" / "comm").write_text("image3\n")
+    assert t.process_executed(7) == [] and t.counters()["exec_closed"] == 5
+    woken = t.get(7, 4)
+    assert woken is not None and woken.process.comm == "image3"
+
+
+def test_an_open_names_the_process_as_its_main_thread_was_called(fake: Path, packing: bool):
+    """/proc is read after the event: the process may have run exec since. The main
+    thread's name in the event is the process's name at the time; another thread's is its
+    own, not the process's."""
+    t = table(fake)
+    leader = ConnOpened(7, 7, 4, "client", PEER, 1, comm="old-image")
+    assert t.open(leader).process == ProcessInfo(7, "old-image", "nginx.service")
+    assert t.open(ConnOpened(7, 70, 5, "client", PEER, 1, comm="worker-3")).process.comm == "nginx"
+    t.open_quiet(ConnOpened(7, 7, 9, "client", PEER, 1, comm="old-image"))
+    quiet = t.get(7, 9)
+    assert quiet is not None and quiet.process.comm == "old-image"

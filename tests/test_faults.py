@@ -8,8 +8,6 @@ import errno
 import json
 import re
 import subprocess
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -25,6 +23,7 @@ from tests.helpers import (
     nginx_args,
     run,
     server,
+    wait_for,
 )
 
 TRACEPARENT = "traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
@@ -53,15 +52,6 @@ def bpf_prog_ids(pid: int) -> set[int]:
 def loaded_prog_ids() -> set[int]:
     out = run(["bpftool", "-j", "prog", "list"]).stdout
     return {int(p["id"]) for p in json.loads(out)}
-
-
-def wait_for(cond: Callable[[], bool], timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.1)
-    return cond()
 
 
 @pytest.mark.kernel

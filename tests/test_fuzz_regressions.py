@@ -155,3 +155,18 @@ def test_the_pipeline_target_analyses_what_its_seeds_carry() -> None:
         if s.name == "hopwatch_findings_total" and s.value
     }
     assert leaks == {("leak", "p0"): 1, ("leak", "p1"): 1}, leaks
+    # Process 1 runs exec with half a request read: that connection ends there, cut short.
+    half = [
+        (0 | FUZZ.OP_OPEN_CLIENT << 2, 0),
+        (2 | FUZZ.OP_OPEN_SERVER << 2, 0),
+        (2 | FUZZ.TAG_RECV, exchange[0][1][:10]),
+        (3 | FUZZ.OP_EXIT << 2, 1),
+    ]
+    m = FUZZ.one_pipeline(b"\0" + FUZZ.encode_ops(half))
+    errors = {
+        s.labels["code"]: s.value
+        for fam in m.registry.collect()
+        for s in fam.samples
+        if s.name == "hopwatch_parse_errors_total" and s.value
+    }
+    assert errors == {"http1.truncated_head": 1}, errors

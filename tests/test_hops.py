@@ -11,7 +11,13 @@ from dataclasses import replace
 
 import pytest
 
-from hopwatch.capture._types import ConnClosed, ConnOpened, ProcessExited, SockAddr
+from hopwatch.capture._types import (
+    ConnClosed,
+    ConnOpened,
+    ProcessExecuted,
+    ProcessExited,
+    SockAddr,
+)
 from hopwatch.config import Config, EgressRule
 from hopwatch.hops import Destination, HopAnalyzer, HopFinding, destination_of, is_allowed
 from hopwatch.metrics import Metrics
@@ -722,7 +728,7 @@ def test_oversized_rejected_seen_by_the_client_pipelined_and_http2() -> None:
 # -- state bounds -----------------------------------------------------------------------------
 
 
-def test_close_and_exit_free_state() -> None:
+def test_close_exit_and_exec_free_state() -> None:
     rig = Rig()
     rig(_obs("inbound", request((("traceparent", TP_A),)), fd=5, tid=1))
     rig(_obs("inbound", request((("traceparent", TP_B),)), fd=6, tid=2))
@@ -736,6 +742,11 @@ def test_close_and_exit_free_state() -> None:
     rig.hops.handle_event(ProcessExited(100, 0))
     assert rig.hops.open_requests() == 0
     assert rig.hops.tracked_processes() == 0
+    # An exec: the new image answers none of the old one's requests.
+    rig(_obs("inbound", request((("traceparent", TP_A),)), fd=5, tid=1))
+    assert rig.hops.open_requests() == 1
+    rig.hops.handle_event(ProcessExecuted(100, 0))
+    assert rig.hops.open_requests() == 0 and rig.hops.tracked_processes() == 0
 
 
 def test_open_requests_per_process_are_capped_and_counted() -> None:

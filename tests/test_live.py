@@ -27,6 +27,7 @@ from tests.helpers import (
     python_env,
     run,
     server,
+    wait_for,
 )
 
 pytestmark = pytest.mark.kernel
@@ -696,6 +697,74 @@ def test_exclude_ports_follows_a_listening_fd_reused_for_another_port(tmp_path: 
     assert counts(delta, "t_xr_srv") == exchange("c", "s", "http1", n_in, 0)["s"]
     assert counts(delta, "t_xr_out") == {}
     assert delta.total("hopwatch_events_lost_total", reason="ring_full") == 0
+
+
+def test_exclude_ports_drops_an_fd_replaced_by_dup2(tmp_path: Path) -> None:
+    """dup2 closes a tracked connection's socket without close(), and the new socket on
+    that fd connects to an excluded port: its traffic is not counted as the old one's."""
+    port, excluded = free_port(), free_port()
+    d = Daemon(tmp_path, config=f"[capture]\nexclude_ports = [{excluded}]\n", name="hw_xdup")
+    srv, ex = named(tmp_path, "t_dp_srv", SYSTEM_PYTHON), named(tmp_path, "t_dp_ex", SYSTEM_PYTHON)
+    cli = named(tmp_path, "t_dp_cli", SYSTEM_PYTHON)
+    try:
+        with (
+            server([srv, str(PEERS / "h1_server.py"), "127.0.0.1", str(port)], port),
+            server([ex, str(PEERS / "h1_server.py"), "127.0.0.1", str(excluded)], excluded),
+        ):
+            before = d.settle()
+            run([cli, str(PEERS / "dup_client.py"), str(port), str(excluded)])
+            delta = d.settle(since=before) - before
+    finally:
+        d.stop()
+    assert counts(delta, "t_dp_cli") == exchange("c", "s", "http1", 1, 0)["c"]
+    assert counts(delta, "t_dp_srv") == exchange("c", "s", "http1", 1, 0)["s"]
+    assert counts(delta, "t_dp_ex") == {}
+    assert delta.total("hopwatch_parse_errors_total") == 0
+    assert delta.total("hopwatch_events_lost_total") == 0
+
+
+def test_exec_ends_the_connections_it_closed(daemon: Daemon, tmp_path: Path) -> None:
+    """A client runs exec with three keep-alive connections open, one of them inherited by
+    the new image. The two that exec closed end there: the file the new image then reads
+    through their fd numbers is neither parsed nor copied. The inherited one and a new one
+    carry the new image's requests, under its name."""
+    port = free_port()
+    names = ("t_ex_srv", "t_ex_cli", "t_ex_new")
+    srv, cli, new = (named(tmp_path, n, SYSTEM_PYTHON) for n in names)
+    with server([srv, str(PEERS / "h1_server.py"), "127.0.0.1", str(port)], port):
+        before = daemon.settle()
+        proc = subprocess.Popen(
+            [cli, str(PEERS / "exec_client.py"), str(port), new],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert proc.stdin is not None and proc.stdout is not None
+        try:
+            assert proc.stdout.readline() == "before\n"
+            assert proc.stdout.readline() == "ready\n"
+            # The daemon has read the exec: the files go on fds it no longer tracks.
+            assert wait_for(
+                lambda: (daemon.scrape() - before).total(
+                    "hopwatch_connections_total", event="exec_closed"
+                )
+                == 2
+            )
+            proc.stdin.write("\n")
+            proc.stdin.close()
+            assert proc.wait(30) == 0
+        finally:
+            proc.kill()
+            proc.wait()
+        delta = daemon.settle(since=before) - before
+    assert counts(delta, "t_ex_cli") == exchange("c", "s", "http1", 3, 0)["c"]
+    assert counts(delta, "t_ex_new") == exchange("c", "s", "http1", 3, 0)["c"]
+    assert counts(delta, "t_ex_srv") == exchange("c", "s", "http1", 6, 0)["s"]
+    assert delta.total("hopwatch_connections_total", event="exec_closed") == 2
+    assert delta.total("hopwatch_unknown_fd_chunks_total") == 0  # the file was not copied
+    assert delta.total("hopwatch_parse_errors_total") == 0
+    assert delta.total("hopwatch_stream_desyncs_total") == 0
+    assert delta.total("hopwatch_events_lost_total") == 0
 
 
 def test_self_metrics_present(daemon: Daemon, tmp_path: Path) -> None:

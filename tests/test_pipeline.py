@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import socket
 
-from hopwatch.capture._types import ConnClosed, ConnOpened, DataChunk, Direction, SockAddr
+from hopwatch.capture._types import (
+    ConnClosed,
+    ConnOpened,
+    DataChunk,
+    Direction,
+    ProcessExecuted,
+    SockAddr,
+)
 from hopwatch.config import Config, parse_config
 from hopwatch.conntrack import ConnectionTable
 from hopwatch.metrics import Metrics
@@ -188,3 +195,33 @@ class _Ignored:
 
     def ignore(self, tgid: int, fd: int, *, as_of_ns: int | None = None) -> None:
         self.ignored.append((tgid, fd))
+
+
+class _Forgets:
+    def __init__(self) -> None:
+        self.forgotten: list[tuple[int, int, int]] = []
+
+    def forget(self, tgid: int, fd: int, *, as_of_ns: int) -> None:
+        self.forgotten.append((tgid, fd, as_of_ns))
+
+
+def test_exec_ends_a_connection_mid_message_and_tells_the_capture() -> None:
+    """The process (gone from /proc here, so its fd holds nothing) ran exec in the middle of
+    a request head: the connection ends as at a close (the head counted as cut short), the
+    capture is told to stop tracking the fd as of the exec, and bytes read on that fd later
+    (a file of the new image's) are no connection's traffic."""
+    srv = Server()
+    control = _Forgets()
+    srv.pipe.control = control  # type: ignore[assignment]
+    srv.exchange(S)
+    srv.chunk(Direction.RECV, REQ[:10], 2 * S)
+    srv.pipe.handle(ProcessExecuted(TGID, 3 * S))
+    assert control.forgotten == [(TGID, 7, 3 * S)] and srv.table.get(TGID, 7) is None
+    cut = {"protocol": "http1", "code": "http1.truncated_head"}
+    assert srv.count("hopwatch_parse_errors_total", **cut) == 1
+    elf = b"\x7fELF\x02"
+    srv.pipe.handle(DataChunk(TGID, TGID, 7, Direction.RECV, 4 * S, 5, elf, comm="api"))
+    assert srv.table.get(TGID, 7) is None
+    assert srv.count("hopwatch_parse_errors_total", **cut) == 1
+    assert srv.count("hopwatch_unknown_fd_chunks_total") == 1
+    assert srv.table.counters()["exec_closed"] == 1

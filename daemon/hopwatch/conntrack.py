@@ -10,7 +10,9 @@ away (a short-lived client may be gone a moment later; then the event's ``comm``
 An fd is a small integer the process reuses as soon as it closes one, so the table trusts the
 event order: a new ``ConnOpened`` on a key still present replaces the old entry (counted as
 ``replaced``: the close was lost or not traced), a ``ConnClosed`` removes it, and a process
-exit removes every fd of the process.
+exit removes every fd of the process. An exec (``ProcessExecuted``) closes the sockets opened
+close-on-exec without a close() call, so it removes every connection whose fd no longer holds
+its socket (asked of /proc); one the new image inherited stays.
 
 Data can arrive on an fd the table never saw opened: a keep-alive connection that existed
 before the daemon started, or an open event that was lost. ``get_or_adopt`` then asks /proc:
@@ -49,7 +51,7 @@ import socket
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Union
 
 from hopwatch.capture._types import ConnOpened, SockAddr
@@ -70,6 +72,7 @@ _COUNTERS = (
     "evicted",  # dropped by the max_entries bound (least recently used)
     "idle_evicted",  # dropped by evict_idle
     "exited",  # dropped because their process exited
+    "exec_closed",  # closed by their process's exec (close-on-exec sockets)
     "not_inet",  # adoption refused: not an inet TCP socket, or the fd is gone
     "resolve_failed",  # /proc could not tell the addresses of a connection
     "resolve_deferred",  # a resolution postponed by the table re-read budget (retried)
@@ -209,7 +212,7 @@ class ConnectionTable:
             tgid=ev.tgid,
             fd=ev.fd,
             role=ev.role,
-            process=self._process(ev.tgid, ev.comm),
+            process=self._process(ev.tgid, ev.comm, ev.tid),
             peer=normalize_addr(ev.peer),
             local=None,
             created_ns=ev.ts_ns,
@@ -242,7 +245,7 @@ class ConnectionTable:
         if quiet is None:
             quiet = self._quiet[tgid] = {}
             # Named now: a short-lived client may be gone from /proc at its first data.
-            self._quiet_names[tgid] = self._process(tgid, ev.comm)
+            self._quiet_names[tgid] = self._process(tgid, ev.comm, ev.tid)
         if fd in quiet:
             self._counters["replaced"] += 1
         else:
@@ -324,6 +327,57 @@ class ConnectionTable:
         out = [self._conns.pop((tgid, fd)) for fd in sorted(fds)]
         self._counters["exited"] += len(out)
         return out
+
+    def process_executed(self, tgid: int) -> list[Connection]:
+        """The process ran exec: every connection whose fd no longer holds its socket (one
+        opened close-on-exec, as most runtimes open them), removed. A socket the new image
+        inherited stays tracked. What is cached about the process goes: the new image has
+        its own name."""
+        self.procfs.forget(tgid)
+        dropped = self._negative.pop(tgid, None)
+        if dropped:
+            self._negative_count -= len(dropped)
+        out, kept = [], []
+        quiet = self._quiet.get(tgid)
+        for fd, packed in list(quiet.items()) if quiet else ():
+            conn = self._unpack(tgid, fd, packed)
+            if self._still_held(conn):
+                kept.append(conn)
+            else:
+                self._take_quiet(tgid, fd)
+                out.append(conn)
+        for fd in sorted(self._by_tgid.get(tgid, ())):
+            conn = self._conns[(tgid, fd)]
+            if self._still_held(conn):
+                kept.append(conn)
+            else:
+                self._remove((tgid, fd))
+                out.append(conn)
+        self._counters["exec_closed"] += len(out)
+        if kept:  # what they carry from now on is the new image's
+            info = self._process(tgid, "")
+            for conn in kept:
+                conn.process = info
+            if tgid in self._quiet:
+                self._quiet_names[tgid] = info
+        return out
+
+    def _still_held(self, conn: Connection) -> bool:
+        """The connection's fd still holds its socket (asked after an exec)."""
+        if self._identity is not None:
+            return True  # no /proc behind a synthetic identity
+        inode = self.procfs.socket_inode(conn.tgid, conn.fd)
+        if inode is None:
+            return False  # closed, or another file now
+        if conn.inode:
+            return inode == conn.inode
+        found = self.procfs.resolve_fd(conn.tgid, conn.fd, conn.role)
+        if found is None or not found.socket.connected:
+            return False
+        sock = found.socket
+        return (conn.peer is None or normalize_addr(sock.remote) == conn.peer) and (
+            conn.local is None or normalize_addr(sock.local) == conn.local
+        )
 
     # -- lookups ---------------------------------------------------------------------------
 
@@ -474,11 +528,16 @@ class ConnectionTable:
 
     # -- internals -------------------------------------------------------------------------
 
-    def _process(self, tgid: int, comm: str) -> ProcessInfo:
+    def _process(self, tgid: int, comm: str, tid: int = 0) -> ProcessInfo:
+        """``comm``: the name the event saw (its thread's), standing in when the process is
+        gone. The main thread's is the process's name when the event happened, so it wins
+        over /proc's, read later: the process may have run exec since."""
         info = self.procfs.process(tgid)
-        if info is not None:
-            return info
-        return ProcessInfo(tgid, comm or "unknown")
+        if info is None:
+            return ProcessInfo(tgid, comm or "unknown")
+        if tid == tgid and comm and comm != info.comm:
+            return replace(info, comm=comm)
+        return info
 
     def _synthetic(self, ev: ConnOpened) -> Connection:
         """A connection named by the source (``identity``), not by /proc."""

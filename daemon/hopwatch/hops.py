@@ -61,6 +61,7 @@ from hopwatch.capture._types import (
     CaptureEvent,
     ConnClosed,
     ConnOpened,
+    ProcessExecuted,
     ProcessExited,
     SockAddr,
 )
@@ -441,7 +442,8 @@ class HopAnalyzer:
         (an fd reopened without a seen close is a new connection too)."""
         if isinstance(ev, (ConnClosed, ConnOpened)):
             self.connection_closed(ev.tgid, ev.fd)
-        elif isinstance(ev, ProcessExited):
+        elif isinstance(ev, (ProcessExited, ProcessExecuted)):
+            # After an exec, the new image answers none of the old one's requests.
             self.process_exited(ev.tgid)
 
     def open_requests(self) -> int:

@@ -20,6 +20,7 @@ from hopwatch.capture._types import (
     DataChunk,
     Direction,
     LostEvents,
+    ProcessExecuted,
     ProcessExited,
     SockAddr,
     TlsServerName,
@@ -61,6 +62,9 @@ class CaptureControl(Protocol):
     def ignore(self, tgid: int, fd: int, *, as_of_ns: int) -> None: ...
 
     def adopt(self, tgid: int, fd: int, role: str) -> bool: ...
+
+    # The connection ended without a close() (an exec closed its socket).
+    def forget(self, tgid: int, fd: int, *, as_of_ns: int) -> None: ...
 
     def set_skip_until(
         self,
@@ -193,9 +197,15 @@ class Pipeline:
         elif isinstance(ev, ProcessExited):
             for conn in self.conns.process_exited(ev.tgid):
                 self._eof(conn)
-            if self._listen_ports:
-                for key in [k for k in self._listen_ports if k[0] == ev.tgid]:
-                    del self._listen_ports[key]
+            self._forget_listeners(ev.tgid)
+        elif isinstance(ev, ProcessExecuted):
+            # Its close-on-exec sockets are closed, but the kernel saw no close(): their
+            # entries would take the new image's files opened on the same fds for traffic.
+            for conn in self.conns.process_executed(ev.tgid):
+                self._eof(conn)
+                if self.control is not None:
+                    self.control.forget(conn.tgid, conn.fd, as_of_ns=ev.ts_ns)
+            self._forget_listeners(ev.tgid)
         elif isinstance(ev, LostEvents):
             self.lost[ev.reason] = self.lost.get(ev.reason, 0) + ev.count
         elif isinstance(ev, UnknownFd):
@@ -204,6 +214,11 @@ class Pipeline:
             conn = self.conns.get_or_adopt(ev.tgid, ev.fd, ev.ts_ns)
             if conn is not None:
                 conn.sni = ev.server_name
+
+    def _forget_listeners(self, tgid: int) -> None:
+        if self._listen_ports:
+            for key in [k for k in self._listen_ports if k[0] == tgid]:
+                del self._listen_ports[key]
 
     def _selected(self, conn: Connection) -> bool:
         """`[processes]` include/exclude by comm, systemd unit or label (container), and

@@ -18,6 +18,7 @@ __all__ = [
     "DataChunk",
     "Direction",
     "LostEvents",
+    "ProcessExecuted",
     "ProcessExited",
     "SockAddr",
     "TlsServerName",
@@ -108,6 +109,15 @@ class ProcessExited:
 
 
 @dataclass(frozen=True, **SLOTS)
+class ProcessExecuted:
+    """The process ran a new program image (exec). Sockets it opened close-on-exec are
+    closed now without a close() call; others live on in the new image."""
+
+    tgid: int
+    ts_ns: int
+
+
+@dataclass(frozen=True, **SLOTS)
 class LostEvents:
     """Events the kernel side could not deliver, by reason (ring full, ...)."""
 
@@ -149,5 +159,12 @@ class TlsServerName:
 
 
 CaptureEvent = Union[
-    DataChunk, ConnOpened, ConnClosed, ProcessExited, LostEvents, UnknownFd, TlsServerName
+    DataChunk,
+    ConnOpened,
+    ConnClosed,
+    ProcessExecuted,
+    ProcessExited,
+    LostEvents,
+    UnknownFd,
+    TlsServerName,
 ]

@@ -46,6 +46,7 @@ from hopwatch.capture._types import (
     DataChunk,
     Direction,
     LostEvents,
+    ProcessExecuted,
     ProcessExited,
     SockAddr,
     TlsServerName,
@@ -841,6 +842,22 @@ class LiveCapture:
             bpf[b"ctl"][ConnKey(tgid, fd)] = ctl
         bpf[b"unknown_seen"][ConnKey(tgid, fd)] = ct.c_uint8(UNKNOWN_DONE)
 
+    def forget(self, tgid: int, fd: int, *, as_of_ns: int) -> None:
+        """The fd's connection is over though no close() was seen (its process ran exec and
+        the socket was close-on-exec): stop tracking it. A connection that took the fd after
+        ``as_of_ns`` (the kernel's cookie is its open time) is left alone."""
+        bpf = self._bpf
+        if bpf is None:
+            return
+        key = ConnKey(tgid, fd)
+        try:
+            val = bpf[b"conns"][key]
+        except KeyError:
+            val = None
+        if val is not None and val.cookie & _COOKIE_TIME > as_of_ns:
+            return
+        self._forget(tgid, fd, delete=val is not None)
+
     def adopt(self, tgid: int, fd: int, role: str) -> bool:
         """Track an inet socket the kernel did not see open (found through /proc).
 
@@ -1072,6 +1089,7 @@ class LiveCapture:
                 del self._tls_sni[next(iter(self._tls_sni))]
         elif kind == EV_EXEC:
             self._exec_pids.append(tgid)
+            self._slots.append(ProcessExecuted(tgid, ts))
         elif kind == EV_UNKNOWN_FD:
             self._slots.append(
                 UnknownFd(tgid, tid, fd, Direction.SEND if d == 0 else Direction.RECV,
