@@ -343,12 +343,22 @@ def one_pipeline(data: bytes) -> Any:
         return Metrics()
     config, metrics, kernel = pipeline_config(data[0]), Metrics(), _Kernel()
     hops = HopAnalyzer(config, metrics)
+    failed: list[BaseException] = []
+
+    def observe(obs: Any) -> None:
+        # The pipeline catches (and logs) an observer's exception so that capture goes on:
+        # here it is a crash all the same (that message's hop analysis was lost).
+        try:
+            hops(obs)
+        except Exception as exc:
+            failed.append(exc)
+
     pipe = Pipeline(
         config,
         metrics,
         ConnectionTable(),
         control=kernel,
-        observers=(hops,),  # type: ignore[arg-type]
+        observers=(observe,),
     )
     offsets: dict[tuple[int, int, Direction, bool], int] = {}
     now = 10**12
@@ -417,6 +427,8 @@ def one_pipeline(data: bytes) -> Any:
             pipe.conns.evict_idle(now, 60 * 10**9)
         elif op == OP_UNKNOWN:
             feed(UnknownFd(tgid, tgid, fd, direction, ("client", "server", "")[n % 3], now, comm))
+    if failed:
+        raise failed[0]
     internal = [k for k in metrics.parse_errors._children if k[-1].endswith("internal_error")]
     if internal:
         raise InternalError(f"the pipeline's parsers reported {internal}")

@@ -128,7 +128,7 @@ def test_split_host_port() -> None:
     assert split_host_port("127.0.0.1:9647") == ("127.0.0.1", 9647)
     assert split_host_port("[::1]:80") == ("::1", 80)
     assert split_host_port(":80") == ("0.0.0.0", 80)
-    for bad in ("x", "host:0", "host:99999", "host:"):
+    for bad in ("x", "host:0", "host:99999", "host:", "host:80\u00b3", "host:\u0663"):
         with pytest.raises(ValueError):
             split_host_port(bad)
 

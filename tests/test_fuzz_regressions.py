@@ -71,6 +71,18 @@ EDGE_CASES: list[tuple[str, bytes]] = [
     ("header", bytes([0]) + b"00-" + b"0" * 32 + b"-" + b"0" * 16 + b"-01"),
     ("header", bytes([2]) + b"k=" + b"%" * 9000),
     ("header", bytes([3]) + b"\x00\xff-\n-"),
+    # Found by the pipeline target (session 14): a Host port ending in byte 0xb3 ('³' in
+    # latin-1, a digit to str.isdigit() but not to int()) made the hop analysis raise.
+    (
+        "pipeline",
+        b"\0"
+        + FUZZ.encode_ops(
+            [
+                (0 | FUZZ.OP_OPEN_CLIENT << 2, 0),
+                (0, b"GET / HTTP/1.1\r\nHost: api:5293\xb3\r\n\r\n"),
+            ]
+        ),
+    ),
 ]
 
 

@@ -636,6 +636,15 @@ def test_destination_helpers() -> None:
     assert is_allowed(allow("192.0.2.0/24").egress_allow, proxied) is True
 
 
+def test_an_authority_port_of_non_ascii_digits_is_no_port() -> None:
+    """'³' is a digit to str.isdigit() but not to int(): found by the pipeline fuzz target
+    (the hop analysis raised for such a Host, and that message's hop was lost)."""
+    peer = SockAddr(socket.AF_INET, "10.0.0.9", 8080)
+    for authority in ("api:5293\u00b3", "api:\u0663"):
+        dest = destination_of(_obs("outbound", request((), authority=authority), peer=peer))
+        assert (dest.host, dest.port, dest.port_named) == ("api", 8080, False), authority
+
+
 def test_direct_destinations_are_kept_per_authority_server_name_and_peer() -> None:
     """destination_of keeps direct destinations; each part of the key still tells them apart."""
     a = SockAddr(socket.AF_INET, "10.0.0.9", 8080)

@@ -61,6 +61,11 @@ def test_watchdog_for_another_pid_is_ignored(tmp_path: Path) -> None:
     assert n.watchdog_s is None
 
 
+def test_a_watchdog_period_that_is_not_ascii_digits_is_ignored(tmp_path: Path) -> None:
+    n = Notifier({"NOTIFY_SOCKET": str(tmp_path / "x"), "WATCHDOG_USEC": "1000\u00b3"})
+    assert n.watchdog_s is None
+
+
 def test_without_systemd_everything_is_a_noop() -> None:
     n = Notifier({})
     assert not n.enabled and not n.ready() and not n.watchdog()

@@ -144,7 +144,7 @@ _HOST_PATTERN = re.compile(
 
 
 def _parse_port(text: str, entry: str) -> int:
-    if not text.isdigit() or not 0 < int(text) < 65536:
+    if not (text.isascii() and text.isdigit()) or not 0 < int(text) < 65536:
         raise ValueError(f"bad port in {entry!r}")
     return int(text)
 
@@ -500,7 +500,7 @@ def _check_value(section: str, key: str, value: Any, spec: tuple[type, str]) -> 
 def split_host_port(addr: str) -> tuple[str, int]:
     """'127.0.0.1:9647', '[::1]:9647', ':9647' -> (host, port)."""
     host, sep, port = addr.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         raise ValueError(f"{addr!r} is not HOST:PORT")
     host = host.strip("[]") or "0.0.0.0"
     return host, int(port)

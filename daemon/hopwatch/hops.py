@@ -174,6 +174,11 @@ def _split_authority(authority: str) -> tuple[str, int | None]:
     return known
 
 
+def _digits(text: str) -> bool:
+    """ASCII digits only: str.isdigit() also takes '³' or '٣', which int() refuses or reads."""
+    return text.isascii() and text.isdigit()
+
+
 def _parse_authority(authority: str) -> tuple[str, int | None]:
     a = authority.strip().lower()
     if "@" in a:  # userinfo never belongs here, but never judge by it
@@ -187,7 +192,7 @@ def _parse_authority(authority: str) -> tuple[str, int | None]:
         host, port_text = a.split(":")
     else:
         host, port_text = a, ""
-    port = int(port_text) if port_text.isdigit() and 0 < int(port_text) < 65536 else None
+    port = int(port_text) if _digits(port_text) and 0 < int(port_text) < 65536 else None
     return host.rstrip("."), port
 
 

@@ -25,7 +25,8 @@ class Notifier:
         usec = env.get("WATCHDOG_USEC", "")
         pid = env.get("WATCHDOG_PID", "")
         self.watchdog_s: float | None = None
-        if usec.isdigit() and int(usec) > 0 and (not pid or pid == str(os.getpid())):
+        usec_ok = usec.isascii() and usec.isdigit() and int(usec) > 0
+        if usec_ok and (not pid or pid == str(os.getpid())):
             self.watchdog_s = int(usec) / 1e6
         self._last_ping = 0.0
         self.errors = 0
