@@ -312,10 +312,7 @@ class ConnectionTable:
 
     def process_exited(self, tgid: int) -> list[Connection]:
         """The process exited: every connection it held, removed."""
-        self.procfs.forget(tgid)
-        dropped = self._negative.pop(tgid, None)
-        if dropped:
-            self._negative_count -= len(dropped)
+        self._forget_process(tgid)
         quiet = self._quiet.pop(tgid, None)
         self._quiet_names.pop(tgid, None)
         if quiet:
@@ -333,10 +330,7 @@ class ConnectionTable:
         opened close-on-exec, as most runtimes open them), removed. A socket the new image
         inherited stays tracked. What is cached about the process goes: the new image has
         its own name."""
-        self.procfs.forget(tgid)
-        dropped = self._negative.pop(tgid, None)
-        if dropped:
-            self._negative_count -= len(dropped)
+        self._forget_process(tgid)
         out, kept = [], []
         quiet = self._quiet.get(tgid)
         for fd, packed in list(quiet.items()) if quiet else ():
@@ -362,15 +356,19 @@ class ConnectionTable:
                 self._quiet_names[tgid] = info
         return out
 
+    def _forget_process(self, tgid: int) -> None:
+        """What is cached about the process (its identity, fds that were no socket)."""
+        self.procfs.forget(tgid)
+        dropped = self._negative.pop(tgid, None)
+        if dropped:
+            self._negative_count -= len(dropped)
+
     def _still_held(self, conn: Connection) -> bool:
         """The connection's fd still holds its socket (asked after an exec)."""
         if self._identity is not None:
             return True  # no /proc behind a synthetic identity
-        inode = self.procfs.socket_inode(conn.tgid, conn.fd)
-        if inode is None:
-            return False  # closed, or another file now
-        if conn.inode:
-            return inode == conn.inode
+        if conn.inode:  # None when the fd is closed or holds another file now
+            return self.procfs.socket_inode(conn.tgid, conn.fd) == conn.inode
         found = self.procfs.resolve_fd(conn.tgid, conn.fd, conn.role)
         if found is None or not found.socket.connected:
             return False
