@@ -17,8 +17,10 @@
 //   on a listening socket this process bound to one (bind() enter records (tgid, fd) ->
 //   port while ports are excluded). A left-out connection's fd is marked in `unknown_seen`
 //   so that its data does not come back as an unknown fd; userspace judges the rest.
-// * Data syscalls: the enter program stashes (fd, buffer/iovec/msghdr pointer, count) per
-//   thread, only for fds present in `conns` that pass the filters; the exit program copies
+// * Data syscalls: the exit program takes (fd, buffer/iovec/msghdr pointer, count) from the
+//   register frame the syscall saved at its entry (ARGS_FROM_REGS, x86-64: no enter
+//   program, so half the tracepoint runs), or from what the enter program stashed per
+//   thread (elsewhere); for fds present in `conns` that pass the filters it copies
 //   the `ret` bytes that really moved, walking iovecs (and mmsghdr arrays) with one flat,
 //   constant-bounded cursor loop, packing them into CHUNK_SIZE records in a per-CPU scratch
 //   buffer and emitting each record with bpf_ringbuf_output (so a 1-byte write costs a
@@ -45,7 +47,9 @@
 //   syscall offsets of the socket. SSL_ctrl(SSL_CTRL_SET_TLSEXT_HOSTNAME) gives the SNI
 //   (EV_TLS_SNI). sched_process_exec emits EV_EXEC so that userspace can attach the uprobes
 //   to new binaries that embed OpenSSL.
-// * Nothing here reads a kernel struct: only tracepoint arguments, user memory and helpers.
+// * Nothing here reads a kernel struct: only tracepoint arguments, user memory and helpers,
+//   and (ARGS_FROM_REGS) the x86-64 syscall register frame, whose layout is the user ABI
+//   (`struct user_regs_struct`'s order), reached through bpf_task_pt_regs().
 
 #include <uapi/linux/ptrace.h>  // struct pt_regs of the uprobe programs (the uapi layout)
 
@@ -63,6 +67,12 @@
 #endif
 #ifndef HAVE_GROUP_DEAD
 #define HAVE_GROUP_DEAD 0
+#endif
+// 1: the data syscalls' exit programs read the arguments from the register frame the
+// syscall saved at entry (x86-64), and no enter program is attached to them; 0: the enter
+// programs stash the arguments in task storage (any architecture).
+#ifndef ARGS_FROM_REGS
+#define ARGS_FROM_REGS 0
 #endif
 
 #define MAX_IOV 128         // iovecs walked per message
@@ -601,7 +611,7 @@ static __always_inline int is_cipher(u8 st) { return st == SNIFF_REJECTED || st 
 static __always_inline int tls_note(u64 id, s32 fd, struct conn_val *cv, u8 dir,
                                     struct task_st *ts) {
     u32 tid = (u32)id;
-    struct tls_args *t = ts->in_ssl ? tls_args.lookup(&tid) : NULL;
+    struct tls_args *t = ts && ts->in_ssl ? tls_args.lookup(&tid) : NULL;
     if (t) {
         // Inside SSL_read/SSL_write on this thread: this is the SSL object's socket.
         if (t->fd != fd) {
@@ -614,7 +624,7 @@ static __always_inline int tls_note(u64 id, s32 fd, struct conn_val *cv, u8 dir,
     if (dir == DIR_SEND) {
         // Memory BIO (Node.js): the ciphertext of an SSL_write is written right after it.
         u64 *w = NULL;
-        if (ts->tls_wait) {
+        if (ts && ts->tls_wait) {
             ts->tls_wait = 0;
             w = tls_wait.lookup(&tid);
         }
@@ -894,6 +904,21 @@ static __always_inline void unknown_check(struct cfg *c, struct conn_key *k, u64
     emit_simple(EV_UNKNOWN_FD, id, k->fd, hint, DIR_SEND);
 }
 
+#if ARGS_FROM_REGS
+// x86-64: a syscall's arguments stay in the register frame saved at its entry until it
+// returns (the exit tracepoint runs before signal delivery can rewrite the frame): the fd
+// in di, the buffer / iovec / msghdr / mmsghdr pointer in si, the count or vector length
+// in dx, for every data syscall traced here (sendfile64's out_fd is di too). The frame's
+// layout is the user register ABI, and the loads are checked against the running
+// kernel's BTF.
+static __always_inline void regs_args(struct data_args *a) {
+    struct pt_regs *r =
+        (struct pt_regs *)bpf_task_pt_regs((struct task_struct *)bpf_get_current_task_btf());
+    a->fd = (s32)r->di;
+    a->ptr = r->si;
+    a->cnt = r->dx;
+}
+#else
 // Enter only remembers the arguments (in the thread's task storage): every decision needs
 // the exit's byte count anyway, and one lookup per syscall is the cost on untracked fds.
 static __always_inline int data_enter(s32 fd, u64 ptr, u64 cnt, u8 kind, u8 dir) {
@@ -914,6 +939,7 @@ static __always_inline int data_enter(s32 fd, u64 ptr, u64 cnt, u8 kind, u8 dir)
     ts->pending = 1;
     return 0;
 }
+#endif
 
 // ---------------------------------------------------------------------------------------
 // Data: exit. The cursor walks (message -> iovec -> bytes) in one constant-bounded loop.
@@ -1228,19 +1254,32 @@ int copy_step_tls(struct pt_regs *ctx) {
     return 0;
 }
 
-static __always_inline int data_exit(void *ctx, long ret, const u8 kind) {
+// `kind` and `dir` are compile-time constants per program: dead paths vanish.
+static __always_inline int data_exit(void *ctx, long ret, const u8 kind, const u8 dir) {
+#if ARGS_FROM_REGS
+    if (ret <= 0)
+        return 0;  // EAGAIN, EOF, errors: the cheapest way out comes first
+    u64 id = bpf_get_current_pid_tgid();
+    struct cfg *c = get_cfg();
+    if (!c || (id >> 32) == c->self_tgid)
+        return 0;
+    struct data_args a = {};
+    regs_args(&a);
+#else
     u64 id = bpf_get_current_pid_tgid();
     struct task_st *ts = task_state(0);
     if (!ts || !ts->pending)
         return 0;
     ts->pending = 0;
     struct data_args a = ts->a;
-    a.kind = kind;  // a compile-time constant per program: dead paths vanish
     if (ret <= 0)
         return 0;
     struct cfg *c = get_cfg();
     if (!c)
         return 0;
+#endif
+    a.kind = kind;
+    a.dir = dir;
     struct conn_key k = {.tgid = id >> 32, .fd = a.fd};
     struct conn_val *cv = conns.lookup(&k);
     if (!cv) {
@@ -1250,6 +1289,9 @@ static __always_inline int data_exit(void *ctx, long ret, const u8 kind) {
             unknown_check(c, &k, id, a.ptr, a.cnt, kind);
         return 0;
     }
+#if ARGS_FROM_REGS
+    struct task_st *ts = task_state(0);  // set by the SSL uprobes; tracked sockets only
+#endif
     if (tls_note(id, a.fd, cv, a.dir, ts)) {
         count(C_TLS_CIPHERTEXT, 1);
         return 0;
@@ -1357,51 +1399,62 @@ static __always_inline int data_exit(void *ctx, long ret, const u8 kind) {
     return 0;
 }
 
+// The enter programs exist only where the exit cannot read the arguments itself.
+#if !ARGS_FROM_REGS
 TRACEPOINT_PROBE(syscalls, sys_enter_write) {
     return data_enter((s32)args->fd, (u64)args->buf, args->count, K_BUF, DIR_SEND);
 }
-TRACEPOINT_PROBE(syscalls, sys_exit_write) { return data_exit(args, args->ret, K_BUF); }
 TRACEPOINT_PROBE(syscalls, sys_enter_writev) {
     return data_enter((s32)args->fd, (u64)args->vec, args->vlen, K_IOV, DIR_SEND);
 }
-TRACEPOINT_PROBE(syscalls, sys_exit_writev) { return data_exit(args, args->ret, K_IOV); }
 TRACEPOINT_PROBE(syscalls, sys_enter_sendto) {
     return data_enter((s32)args->fd, (u64)args->buff, args->len, K_BUF, DIR_SEND);
 }
-TRACEPOINT_PROBE(syscalls, sys_exit_sendto) { return data_exit(args, args->ret, K_BUF); }
 TRACEPOINT_PROBE(syscalls, sys_enter_sendmsg) {
     return data_enter((s32)args->fd, (u64)args->msg, 0, K_MSG, DIR_SEND);
 }
-TRACEPOINT_PROBE(syscalls, sys_exit_sendmsg) { return data_exit(args, args->ret, K_MSG); }
 TRACEPOINT_PROBE(syscalls, sys_enter_sendmmsg) {
     return data_enter((s32)args->fd, (u64)args->mmsg, args->vlen, K_MMSG, DIR_SEND);
 }
-TRACEPOINT_PROBE(syscalls, sys_exit_sendmmsg) { return data_exit(args, args->ret, K_MMSG); }
 TRACEPOINT_PROBE(syscalls, sys_enter_sendfile64) {
     return data_enter((s32)args->out_fd, 0, args->count, K_NONE, DIR_SEND);
 }
-TRACEPOINT_PROBE(syscalls, sys_exit_sendfile64) { return data_exit(args, args->ret, K_NONE); }
-
 TRACEPOINT_PROBE(syscalls, sys_enter_read) {
     return data_enter((s32)args->fd, (u64)args->buf, args->count, K_BUF, DIR_RECV);
 }
-TRACEPOINT_PROBE(syscalls, sys_exit_read) { return data_exit(args, args->ret, K_BUF); }
 TRACEPOINT_PROBE(syscalls, sys_enter_readv) {
     return data_enter((s32)args->fd, (u64)args->vec, args->vlen, K_IOV, DIR_RECV);
 }
-TRACEPOINT_PROBE(syscalls, sys_exit_readv) { return data_exit(args, args->ret, K_IOV); }
 TRACEPOINT_PROBE(syscalls, sys_enter_recvfrom) {
     return data_enter((s32)args->fd, (u64)args->ubuf, args->size, K_BUF, DIR_RECV);
 }
-TRACEPOINT_PROBE(syscalls, sys_exit_recvfrom) { return data_exit(args, args->ret, K_BUF); }
 TRACEPOINT_PROBE(syscalls, sys_enter_recvmsg) {
     return data_enter((s32)args->fd, (u64)args->msg, 0, K_MSG, DIR_RECV);
 }
-TRACEPOINT_PROBE(syscalls, sys_exit_recvmsg) { return data_exit(args, args->ret, K_MSG); }
 TRACEPOINT_PROBE(syscalls, sys_enter_recvmmsg) {
     return data_enter((s32)args->fd, (u64)args->mmsg, args->vlen, K_MMSG, DIR_RECV);
 }
-TRACEPOINT_PROBE(syscalls, sys_exit_recvmmsg) { return data_exit(args, args->ret, K_MMSG); }
+#endif
+
+TRACEPOINT_PROBE(syscalls, sys_exit_write) { return data_exit(args, args->ret, K_BUF, DIR_SEND); }
+TRACEPOINT_PROBE(syscalls, sys_exit_writev) { return data_exit(args, args->ret, K_IOV, DIR_SEND); }
+TRACEPOINT_PROBE(syscalls, sys_exit_sendto) { return data_exit(args, args->ret, K_BUF, DIR_SEND); }
+TRACEPOINT_PROBE(syscalls, sys_exit_sendmsg) { return data_exit(args, args->ret, K_MSG, DIR_SEND); }
+TRACEPOINT_PROBE(syscalls, sys_exit_sendmmsg) {
+    return data_exit(args, args->ret, K_MMSG, DIR_SEND);
+}
+TRACEPOINT_PROBE(syscalls, sys_exit_sendfile64) {
+    return data_exit(args, args->ret, K_NONE, DIR_SEND);
+}
+TRACEPOINT_PROBE(syscalls, sys_exit_read) { return data_exit(args, args->ret, K_BUF, DIR_RECV); }
+TRACEPOINT_PROBE(syscalls, sys_exit_readv) { return data_exit(args, args->ret, K_IOV, DIR_RECV); }
+TRACEPOINT_PROBE(syscalls, sys_exit_recvfrom) {
+    return data_exit(args, args->ret, K_BUF, DIR_RECV);
+}
+TRACEPOINT_PROBE(syscalls, sys_exit_recvmsg) { return data_exit(args, args->ret, K_MSG, DIR_RECV); }
+TRACEPOINT_PROBE(syscalls, sys_exit_recvmmsg) {
+    return data_exit(args, args->ret, K_MMSG, DIR_RECV);
+}
 
 // ---------------------------------------------------------------------------------------
 // TLS: OpenSSL uprobes (attached by userspace to every libssl and every binary that

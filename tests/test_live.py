@@ -623,9 +623,9 @@ def test_keepalive_connection_opened_before_daemon(tmp_path: Path) -> None:
     assert rc == 0
     assert stop_s < 2.0, f"SIGTERM took {stop_s:.2f}s"
     assert counts(delta, "t_kacli") == exchange("c", "s", "http1", 5, 0)["c"]
-    # The server thread was already blocked in recv() when the probes attached: that
-    # syscall's entry was never seen, so the first request it returns cannot be copied.
-    # Every later one is; all five responses are.
+    # The server thread was already blocked in recv() when the probes attached, on a
+    # connection the daemon learns of only at the server's first response (adoption): the
+    # first request cannot be copied. Every later one is; all five responses are.
     assert counts(delta, "t_kasrv") == {
         ("inbound", "request", "http1", "w3c"): 4,
         ("outbound", "response", "http1", "none"): 5,

@@ -29,6 +29,7 @@ import ctypes as ct
 import dataclasses
 import logging
 import os
+import platform
 import re
 import socket
 import struct
@@ -260,6 +261,10 @@ class CaptureConfig:
     # Read the ring in place (capture/_ring.py); False, or None on a machine where that is
     # not sound: libbpf's reader, one ctypes callback per record.
     ring_in_place: bool | None = None
+    # The data syscalls' exit programs read the arguments from the syscall's saved registers
+    # and no enter program is attached (half the tracepoint runs per data syscall); False,
+    # or None off x86-64: enter programs stash the arguments in task storage.
+    args_from_regs: bool | None = None
 
 
 @dataclass(**SLOTS)
@@ -287,6 +292,15 @@ class _TlsMark:
 _COMPILER_LIBS = ("libLLVM", "libclang", "libpypy")
 _MAPPING = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) (\S+) \S+ \S+ \S+\s*(.*)$")
 MADV_DONTNEED = 4
+
+
+def regs_args_supported(release: str | None = None, machine: str | None = None) -> bool:
+    """The exit programs can read a syscall's arguments from its saved registers: x86-64
+    (the register ABI capture.c knows) and bpf_task_pt_regs (Linux 5.15)."""
+    m = re.match(r"(\d+)\.(\d+)", release or platform.release())
+    version = (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+    arch = (machine or platform.machine()).lower()
+    return arch in ("x86_64", "amd64") and version >= (5, 15)
 
 
 def release_compiler_memory() -> int:
@@ -411,6 +425,8 @@ class LiveCapture:
         ):
             raise ValueError("chunk_size must be a power of two between 64 and 8192")
         self.source = source or BPF_SOURCE
+        regs = self.config.args_from_regs
+        self.args_from_regs = regs_args_supported() if regs is None else regs
         self._bpf: Any = None
         self._ring: Ring | None = None
         self._raw: list[bytes] = []
@@ -537,6 +553,7 @@ class LiveCapture:
             f"-DRINGBUF_PAGES={_ring_pages(cfg.ring_bytes)}",
             f"-DCONN_MAX={cfg.conn_max}",
             f"-DHAVE_GROUP_DEAD={int(_have_group_dead(env.tracefs))}",
+            f"-DARGS_FROM_REGS={int(self.args_from_regs)}",
             *_SIZE_CFLAGS,
         ]
         t0 = time.monotonic()
@@ -581,11 +598,12 @@ class LiveCapture:
             )
         released = release_compiler_memory()
         log.info(
-            "capture loaded in %.2fs (headers %s, ring %d pages); %d MiB of compiler memory "
-            "released",
+            "capture loaded in %.2fs (headers %s, ring %d pages, data syscall arguments %s); "
+            "%d MiB of compiler memory released",
             time.monotonic() - t0,
             env.headers_source,
             _ring_pages(cfg.ring_bytes),
+            "from the saved registers" if self.args_from_regs else "stashed at enter",
             released >> 20,
         )
 
