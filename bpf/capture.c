@@ -383,10 +383,13 @@ struct task_st {
 };
 BPF_TASK_STORAGE(task_sts, struct task_st);
 
-static __always_inline struct task_st *task_state(int create) {
+static __always_inline struct task_st *task_state_of(struct task_struct *task, int create) {
     struct task_st init = {};
-    return task_sts.task_storage_get(bpf_get_current_task_btf(), &init,
-                                     create ? BPF_LOCAL_STORAGE_GET_F_CREATE : 0);
+    return task_sts.task_storage_get(task, &init, create ? BPF_LOCAL_STORAGE_GET_F_CREATE : 0);
+}
+
+static __always_inline struct task_st *task_state(int create) {
+    return task_state_of((struct task_struct *)bpf_get_current_task_btf(), create);
 }
 
 static __always_inline void count(u32 idx, u64 n) {
@@ -911,9 +914,8 @@ static __always_inline void unknown_check(struct cfg *c, struct conn_key *k, u64
 // in dx, for every data syscall traced here (sendfile64's out_fd is di too). The frame's
 // layout is the user register ABI, and the loads are checked against the running
 // kernel's BTF.
-static __always_inline void regs_args(struct data_args *a) {
-    struct pt_regs *r =
-        (struct pt_regs *)bpf_task_pt_regs((struct task_struct *)bpf_get_current_task_btf());
+static __always_inline void regs_args(struct task_struct *task, struct data_args *a) {
+    struct pt_regs *r = (struct pt_regs *)bpf_task_pt_regs(task);
     a->fd = (s32)r->di;
     a->ptr = r->si;
     a->cnt = r->dx;
@@ -1263,8 +1265,11 @@ static __always_inline int data_exit(void *ctx, long ret, const u8 kind, const u
     struct cfg *c = get_cfg();
     if (!c || (id >> 32) == c->self_tgid)
         return 0;
+    // One helper call for the task (each costs ~20 ns here): its registers, and its
+    // storage below.
+    struct task_struct *task = (struct task_struct *)bpf_get_current_task_btf();
     struct data_args a = {};
-    regs_args(&a);
+    regs_args(task, &a);
 #else
     u64 id = bpf_get_current_pid_tgid();
     struct task_st *ts = task_state(0);
@@ -1289,10 +1294,17 @@ static __always_inline int data_exit(void *ctx, long ret, const u8 kind, const u
             unknown_check(c, &k, id, a.ptr, a.cnt, kind);
         return 0;
     }
+    struct dir_state *ds = a.dir == DIR_SEND ? &cv->d[0] : &cv->d[1];
+    // The ring is full on this CPU: under overload each syscall costs as little as it
+    // can. The SSL bookkeeping waits (an SSL object is bound to its socket at the next
+    // syscall it makes inside SSL_read/SSL_write once the shedding is over); a direction
+    // already known to carry ciphertext is counted as such, as below.
+    int shed = shedding();
 #if ARGS_FROM_REGS
-    struct task_st *ts = task_state(0);  // set by the SSL uprobes; tracked sockets only
+    // Set by the SSL uprobes; looked up for tracked sockets only, and not while shedding.
+    struct task_st *ts = shed ? NULL : task_state_of(task, 0);
 #endif
-    if (tls_note(id, a.fd, cv, a.dir, ts)) {
+    if (shed ? ds->sniff == SNIFF_TLS : tls_note(id, a.fd, cv, a.dir, ts)) {
         count(C_TLS_CIPHERTEXT, 1);
         return 0;
     }
@@ -1300,7 +1312,6 @@ static __always_inline int data_exit(void *ctx, long ret, const u8 kind, const u
         count(C_FILTERED, 1);
         return 0;
     }
-    struct dir_state *ds = a.dir == DIR_SEND ? &cv->d[0] : &cv->d[1];
     if (ds->sniff == SNIFF_REJECTED) {
         count(C_SNIFF_REJECTED, 1);
         return 0;
@@ -1311,7 +1322,7 @@ static __always_inline int data_exit(void *ctx, long ret, const u8 kind, const u
     if (kind == K_MMSG) {
         total = mmsg_total(a.ptr, ret);
     } else if (kind == K_MSG) {
-        if (bpf_probe_read_user(&iov_ptr, 8, (void *)(a.ptr + MSGHDR_IOV_OFF)) ||
+        if (shed || bpf_probe_read_user(&iov_ptr, 8, (void *)(a.ptr + MSGHDR_IOV_OFF)) ||
             bpf_probe_read_user(&iov_n, 8, (void *)(a.ptr + MSGHDR_IOVLEN_OFF)))
             iov_n = 0;
         msg_left = total;
@@ -1327,9 +1338,8 @@ static __always_inline int data_exit(void *ctx, long ret, const u8 kind, const u
 
     u64 offset = ds->offset;
     ds->offset = offset + total;
-    if (shedding()) {
-        // Before the control lookup and the sniff: under overload each syscall costs as
-        // little as it can. Its bytes become a gap at the reader.
+    if (shed) {
+        // Before the control lookup and the sniff. Its bytes become a gap at the reader.
         count(C_RING_FULL, 1);
         return 0;
     }
