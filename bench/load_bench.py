@@ -41,17 +41,22 @@ PEERS = ("lb_pacer", "lb_wrk", "lb_nginx")  # the processes whose messages the b
 
 
 @contextmanager
-def trivial_programs() -> Iterator[None]:
-    """Programs that only return 0 on the enter and exit tracepoints of the data syscalls
-    wrk and nginx use: the floor any capture on those tracepoints costs."""
+def trivial_programs(edges: tuple[str, ...] | None = None) -> Iterator[None]:
+    """Programs that only return 0 on the tracepoints of the data syscalls wrk and nginx
+    use that the daemon attaches (`edges`, default: the exit alone where it reads the
+    arguments from the saved registers, else enter and exit): the floor any capture on
+    those tracepoints costs."""
     from hopwatch._bcc import import_bcc
+    from hopwatch.capture.live import regs_args_supported
     from hopwatch.kernel import prepare_kernel
 
+    if edges is None:
+        edges = ("exit",) if regs_args_supported() else ("enter", "exit")
     prepare_kernel()  # the headers bcc compiles against (BCC_KERNEL_SOURCE)
     text = "".join(
         f"TRACEPOINT_PROBE(syscalls, sys_{edge}_{s}) {{ return 0; }}\n"
         for s in DATA_SYSCALLS
-        for edge in ("enter", "exit")
+        for edge in edges
     )
     b = import_bcc().BPF(text=text)
     try:
@@ -315,8 +320,9 @@ def report(st: dict[str, Any], sat: dict[str, Any]) -> str:
         "rounds run the daemon first). After the measured run, the same load once more with "
         "the daemon stopped (SIGSTOP: its programs attached, its ring full, so every data "
         "syscall takes the kernel's shedding path): the kernel side alone. Next to the run "
-        "without, the same load with trivial programs (`return 0`) on the enter and exit "
-        "tracepoints of the four data syscalls wrk and nginx use: the floor any capture on "
+        "without, the same load with trivial programs (`return 0`) on the tracepoints of the "
+        "four data syscalls wrk and nginx use that the daemon attaches (on x86-64 the exit "
+        "alone: it reads the arguments from the saved registers): the floor any capture on "
         "those tracepoints costs.",
         "",
         "| round | req/s without | req/s with | ratio | req/s daemon stopped | "

@@ -4,7 +4,7 @@ wrk against nginx `return 200` (as in bench/load_bench.py (b)), with the daemon 
 then stopped (SIGSTOP: its ring full, every data syscall on the shedding path), with the
 kernel's BPF statistics on (`kernel.bpf_stats_enabled`, restored afterwards): run count and
 nanoseconds per run of every program, from `bpftool prog show`. For comparison, trivial
-programs (`return 0`) on the same eight data tracepoints give the floor: what the statistics
+programs (`return 0`) on the same data tracepoints give the floor: what the statistics
 themselves and a program's invocation cost. The statistics add that floor to every run, so
 the throughputs here are lower than load_bench's; only the per-program figures matter.
 
@@ -118,8 +118,9 @@ def main() -> int:
         f"Machine: {os.cpu_count()} CPUs, kernel {os.uname().release}. `wrk -t1 -c32` against "
         f"nginx `return 200` on loopback, {args.seconds} s per slice, with the kernel's BPF "
         "statistics on (they add their own cost to every run: see `trivial`). Slices: no "
-        "programs; trivial programs (`return 0`) on the eight data tracepoints; the daemon "
-        "running; the daemon stopped (SIGSTOP, its ring full: the shedding path).",
+        "programs; trivial programs (`return 0`) on the data tracepoints the daemon "
+        "attaches; the daemon running; the daemon stopped (SIGSTOP, its ring full: the "
+        "shedding path).",
         "",
     ]
     for label in ("without", "trivial", "running", "stopped"):
