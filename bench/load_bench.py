@@ -41,7 +41,9 @@ PEERS = ("lb_pacer", "lb_wrk", "lb_nginx")  # the processes whose messages the b
 
 
 @contextmanager
-def trivial_programs(edges: tuple[str, ...] | None = None) -> Iterator[None]:
+def trivial_programs(
+    edges: tuple[str, ...] | None = None, syscalls: tuple[str, ...] = DATA_SYSCALLS
+) -> Iterator[None]:
     """Programs that only return 0 on the tracepoints of the data syscalls wrk and nginx
     use that the daemon attaches (`edges`, default: the exit alone where it reads the
     arguments from the saved registers, else enter and exit): the floor any capture on
@@ -55,7 +57,7 @@ def trivial_programs(edges: tuple[str, ...] | None = None) -> Iterator[None]:
     prepare_kernel()  # the headers bcc compiles against (BCC_KERNEL_SOURCE)
     text = "".join(
         f"TRACEPOINT_PROBE(syscalls, sys_{edge}_{s}) {{ return 0; }}\n"
-        for s in DATA_SYSCALLS
+        for s in syscalls
         for edge in edges
     )
     b = import_bcc().BPF(text=text)
