@@ -114,6 +114,7 @@
 #define HINT_REQUEST 1
 #define HINT_RESPONSE 2
 #define HINT_H2 3
+#define HINT_TLS 4  // written inside an SSL call: a TLS socket
 
 // sniff state per direction
 #define SNIFF_PENDING 0
@@ -857,7 +858,24 @@ TRACEPOINT_PROBE(sched, sched_process_exec) {
 // ---------------------------------------------------------------------------------------
 // Data: enter
 
-// Untracked fd written with HTTP-looking bytes: one notice per (tgid, fd).
+static __always_inline void unknown_notice(struct cfg *c, struct conn_key *k, u64 id, u8 hint) {
+    if (task_filtered(c, k->tgid)) {
+        count(C_FILTERED, 1);
+        return;
+    }
+    // Marked done only once the notice is in the ring: a lost notice (the ring full) would
+    // leave the connection unobserved for its whole life.
+    if (emit_simple(EV_UNKNOWN_FD, id, k->fd, hint, DIR_SEND) == 0) {
+        u8 done = UNKNOWN_DONE;
+        unknown_seen.update(k, &done);
+        count(C_UNKNOWN_FD, 1);
+    }
+}
+
+// Untracked fd written with HTTP-looking bytes, or written inside an SSL call (a TLS socket:
+// its ciphertext never looks like HTTP): one notice per (tgid, fd), so that userspace adopts
+// it. Such sockets were opened before the daemon started, or while the ring was full (their
+// open event was lost).
 static __always_inline void unknown_check(struct cfg *c, struct conn_key *k, u64 id, u64 ptr,
                                           u64 cnt, u8 kind) {
     // Value: failed sniff attempts, or UNKNOWN_DONE once notified (or ignored by userspace).
@@ -866,6 +884,15 @@ static __always_inline void unknown_check(struct cfg *c, struct conn_key *k, u64
     u8 tries = seen ? *seen : 0;
     if (tries >= UNKNOWN_TRIES)
         return;
+    if (shedding())
+        return;  // a notice would be lost: the next write after the shedding tries again
+    // The thread's SSL state: looked up only for an fd's first few writes.
+    struct task_st *ts = task_state(0);
+    u32 tid = (u32)id;
+    if (ts && ((ts->in_ssl && tls_args.lookup(&tid)) || ts->tls_wait)) {
+        unknown_notice(c, k, id, HINT_TLS);
+        return;
+    }
     u64 buf = ptr, len = cnt;
     if (kind == K_MSG) {
         u64 iovp = 0, iovlen = 0;
@@ -897,14 +924,7 @@ static __always_inline void unknown_check(struct cfg *c, struct conn_key *k, u64
         unknown_seen.update(k, &tries);
         return;
     }
-    if (task_filtered(c, k->tgid)) {
-        count(C_FILTERED, 1);
-        return;
-    }
-    u8 done = UNKNOWN_DONE;
-    unknown_seen.update(k, &done);
-    count(C_UNKNOWN_FD, 1);
-    emit_simple(EV_UNKNOWN_FD, id, k->fd, hint, DIR_SEND);
+    unknown_notice(c, k, id, hint);
 }
 
 #if ARGS_FROM_REGS

@@ -17,7 +17,14 @@ from pathlib import Path
 
 import pytest
 
-from hopwatch.capture import ConnOpened, DataChunk, Direction, SockAddr, TlsServerName
+from hopwatch.capture import (
+    ConnOpened,
+    DataChunk,
+    Direction,
+    SockAddr,
+    TlsServerName,
+    UnknownFd,
+)
 from hopwatch.config import Config, EgressRule
 from hopwatch.conntrack import ConnectionTable
 from hopwatch.hops import destination_of, is_allowed
@@ -389,6 +396,143 @@ def test_capture_plaintext_exact_bytes_sni_and_no_ciphertext(
     assert (cpid, cchunks[0].fd) in opened and (spid, schunks[0].fd) in opened
     stats = capture.stats()
     assert stats["tls_calls"] >= 16 and stats["tls_ciphertext"] > 0
+
+
+# A TLS client driven line by line: "go NAME" sends one request on the same connection and
+# reads its answer; it prints its socket's fd once connected (the handshake done).
+TLS_DRIVEN = """
+import http.client, socket, ssl, sys
+ctx = ssl.create_default_context()
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+conn = http.client.HTTPSConnection(sys.argv[1], int(sys.argv[2]), timeout=10, context=ctx)
+conn.connect()
+print("connected", conn.sock.fileno(), flush=True)
+for line in sys.stdin:
+    conn.request("GET", "/" + line.split()[1])
+    resp = conn.getresponse()
+    resp.read()
+    print(resp.status, flush=True)
+"""
+
+# Fills a ring: 4,000 plain HTTP requests of ~100 bytes over loopback, then exits.
+RING_FILLER = """
+import socket, threading
+srv = socket.socket()
+srv.bind(("127.0.0.1", 0))
+srv.listen(1)
+cli = socket.create_connection(srv.getsockname())
+conn, _ = srv.accept()
+def drain():
+    while conn.recv(1 << 16):
+        pass
+t = threading.Thread(target=drain)
+t.start()
+req = b"GET /fill HTTP/1.1\\r\\nHost: filler\\r\\nX-Pad: %s\\r\\n\\r\\n" % (b"p" * 50)
+for i in range(4000):
+    cli.sendall(req)
+cli.close()
+t.join()
+"""
+
+
+@pytest.mark.kernel
+def test_tls_connection_made_while_the_ring_is_full_is_captured_once_it_drains(
+    tmp_path: Path, cert: tuple[str, str]
+) -> None:
+    """A TLS client connects and sends its first request while the ring is full (nothing
+    read: the kernel sheds; the connection's open event is lost, so the kernel does not
+    track it). Once the ring drains, its next write inside SSL_write announces the socket
+    (an unknown fd with the TLS hint: its ciphertext never looks like HTTP), the capture
+    adopts it as the daemon's pipeline does, and the connection's requests arrive as
+    plaintext bound to its socket, whole from the first one after the gap; no ciphertext
+    is delivered. Before, the notice was lost with the ring full and never tried again,
+    and a TLS socket was never announced at all: nothing of it was ever seen."""
+    from hopwatch.capture.live import CaptureConfig, LiveCapture
+
+    port = free_port()
+    srv = named(tmp_path, "t_shts", SYSTEM_PYTHON)
+    cli = named(tmp_path, "t_shtc", SYSTEM_PYTHON)
+    fill = named(tmp_path, "t_shtf", SYSTEM_PYTHON)
+    events: list[object] = []
+    with (
+        LiveCapture(CaptureConfig(ring_bytes=64 * 1024)) as cap,
+        server([srv, str(PEERS / "tls_py.py"), "server", "127.0.0.1", str(port), *cert], port),
+    ):
+        cap.poll(0)
+        full0 = cap.stats()["ring_full"]
+        subprocess.run([fill, "-c", RING_FILLER], check=True, timeout=60)
+        client = subprocess.Popen(
+            [cli, "-c", TLS_DRIVEN, "127.0.0.1", str(port)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert client.stdin is not None and client.stdout is not None
+        try:
+            first = client.stdout.readline().split()
+            assert first[0] == "connected", first
+            fd = int(first[1])
+
+            def request(name: str) -> None:
+                assert client.stdin is not None and client.stdout is not None
+                client.stdin.write(f"go {name}\n")
+                client.stdin.flush()
+                assert client.stdout.readline().strip() == "200"
+
+            request("during")  # the ring is still full: shed
+            cap.poll(0)
+            assert cap.stats()["ring_full"] > full0  # the kernel did shed
+            # Drain the ring (the filler's records and whatever fit after), then more.
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                got = cap.poll(100)
+                if not got:
+                    break
+            adopted = False
+            for i in range(3):
+                request(f"after/{i}")
+                # The daemon's loop reads continuously: adopt as its pipeline would.
+                for _ in range(20):
+                    new = cap.poll(50)
+                    events += new
+                    if adopted or any(
+                        isinstance(e, UnknownFd) and (e.tgid, e.fd) == (client.pid, fd) for e in new
+                    ):
+                        break
+                if not adopted and any(
+                    isinstance(e, UnknownFd) and (e.tgid, e.fd) == (client.pid, fd) for e in events
+                ):
+                    assert cap.adopt(client.pid, fd, "client")
+                    adopted = True
+            assert adopted
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                events += cap.poll(50)
+                sent = [
+                    e
+                    for e in events
+                    if isinstance(e, DataChunk)
+                    and e.tgid == client.pid
+                    and e.direction is Direction.SEND
+                ]
+                if sum(c.data.count(b"GET /after/") for c in sent) >= 3:
+                    break
+            for _ in range(5):
+                events += cap.poll(50)
+        finally:
+            client.stdin.close()
+            client.wait(10)
+        mine = [e for e in events if isinstance(e, DataChunk) and e.tgid == client.pid]
+        stats = cap.stats()
+    # Only plaintext, all of it on the connection's socket (bound to its SSL object).
+    assert mine and all(c.tls and c.fd == fd for c in mine)
+    sent = b"".join(c.data for c in mine if c.direction is Direction.SEND)
+    assert sent.count(b"GET /after/") == 3 and b"GET /during" not in sent
+    assert sent.startswith(b"GET /after/0 HTTP/1.1\r\n")
+    read = b"".join(c.data for c in mine if c.direction is Direction.RECV)
+    assert read.count(b"HTTP/1.0 200 OK\r\n") + read.count(b"HTTP/1.1 200 OK\r\n") == 3
+    assert stats["tls_unbound_dropped"] == 0
 
 
 # -- no kernel: discovery, pipeline, judgement -------------------------------------------------
