@@ -10,7 +10,8 @@
 //   (EV_CLOSE). sched_process_exit of a whole thread group emits EV_EXIT; userspace then
 //   deletes that tgid's entries (it knows them from the events it received).
 // * An fd can also be closed without close(): exec closes close-on-exec fds (EV_EXEC;
-//   userspace deletes the entries whose fd no longer holds the socket), dup2 replaces one.
+//   userspace deletes the entries whose fd no longer holds the socket), dup2/dup3 replace
+//   one (their enter programs end it, as close() does), close_range() closes a range.
 //   A connect/accept that succeeds on an fd still in `conns` replaces the entry, or, when
 //   the new connection is left out, drops it with an EV_CLOSE.
 // * `exclude_ports`: a connect() to an excluded port is left out here, and so is an accept()
@@ -667,7 +668,8 @@ static __always_inline int conn_enter(s32 fd, u64 addr, u64 addrlen, u8 role) {
 }
 
 // A connect/accept that succeeded but is not tracked: whatever `conns` still holds for its
-// fd belonged to a file that was closed without close(), by exec (close-on-exec) or dup2.
+// fd belonged to a file that was closed without close(): by exec (close-on-exec), or by
+// close_range().
 static __always_inline int drop_stale(u64 id, s32 fd) {
     struct conn_key k = {.tgid = id >> 32, .fd = fd};
     if (!conns.lookup(&k))
@@ -810,9 +812,11 @@ TRACEPOINT_PROBE(syscalls, sys_enter_bind) {
 // ---------------------------------------------------------------------------------------
 // close and process exit
 
-TRACEPOINT_PROBE(syscalls, sys_enter_close) {
+// The file an fd held goes: close(), or dup2/dup3 putting another file on the fd (they
+// close it without close()). Judged at enter, as the call will do it.
+static __always_inline int fd_gone(s32 fd) {
     u64 id = bpf_get_current_pid_tgid();
-    struct conn_key k = {.tgid = id >> 32, .fd = (s32)args->fd};
+    struct conn_key k = {.tgid = id >> 32, .fd = fd};
     unknown_seen.delete(&k);
     struct cfg *c = get_cfg();
     if (c && (c->flags & CF_PORT_ANY))
@@ -823,6 +827,15 @@ TRACEPOINT_PROBE(syscalls, sys_enter_close) {
     ctl.delete(&k);
     emit_simple(EV_CLOSE, id, k.fd, 0, 0);
     return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_close) { return fd_gone((s32)args->fd); }
+TRACEPOINT_PROBE(syscalls, sys_enter_dup2) {
+    // dup2(fd, fd) replaces nothing
+    return args->oldfd == args->newfd ? 0 : fd_gone((s32)args->newfd);
+}
+TRACEPOINT_PROBE(syscalls, sys_enter_dup3) {
+    return args->oldfd == args->newfd ? 0 : fd_gone((s32)args->newfd);  // (EINVAL)
 }
 
 TRACEPOINT_PROBE(sched, sched_process_exit) {

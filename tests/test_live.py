@@ -727,6 +727,29 @@ def test_exclude_ports_drops_an_fd_replaced_by_dup2(tmp_path: Path) -> None:
     assert delta.total("hopwatch_events_lost_total") == 0
 
 
+@pytest.mark.parametrize("how", ["dup2", "dup3"])
+def test_dup2_ends_the_connection_whose_fd_it_replaced(
+    daemon: Daemon, tmp_path: Path, how: str
+) -> None:
+    """dup2/dup3 put a file on a tracked connection's fd, closing its socket without
+    close(): the connection ends there, and the request-shaped bytes then written to and
+    read from the file through that fd are neither copied nor parsed (before, they were
+    taken for the old connection's: parse errors or phantom requests)."""
+    port = free_port()
+    srv = named(tmp_path, "t_df_srv", SYSTEM_PYTHON)
+    cli = named(tmp_path, f"t_df_{how}", SYSTEM_PYTHON)
+    with server([srv, str(PEERS / "h1_server.py"), "127.0.0.1", str(port)], port):
+        before = daemon.settle()
+        out = run([cli, str(PEERS / "dup_file_client.py"), str(port), str(tmp_path / "f"), how])
+        delta = daemon.settle(since=before) - before
+    assert int(out.stdout) >= 3
+    assert counts(delta, f"t_df_{how}") == exchange("c", "s", "http1", 1, 0)["c"]
+    assert counts(delta, "t_df_srv") == exchange("c", "s", "http1", 1, 0)["s"]
+    assert delta.total("hopwatch_parse_errors_total") == 0
+    assert delta.total("hopwatch_stream_desyncs_total") == 0
+    assert delta.total("hopwatch_events_lost_total") == 0
+
+
 def test_exec_ends_the_connections_it_closed(daemon: Daemon, tmp_path: Path) -> None:
     """A client runs exec with three keep-alive connections open, one of them inherited by
     the new image. The two that exec closed end there: the file the new image then reads
