@@ -11,7 +11,8 @@
 //   deletes that tgid's entries (it knows them from the events it received).
 // * An fd can also be closed without close(): exec closes close-on-exec fds (EV_EXEC;
 //   userspace deletes the entries whose fd no longer holds the socket), dup2/dup3 replace
-//   one (their enter programs end it, as close() does), close_range() closes a range.
+//   one (their enter programs end it, as close() does), close_range() closes a range
+//   (EV_CLOSE_RANGE: userspace ends the connections it tracks in it).
 //   A connect/accept that succeeds on an fd still in `conns` replaces the entry, or, when
 //   the new connection is left out, drops it with an EV_CLOSE.
 // * `exclude_ports`: a connect() to an excluded port is left out here, and so is an accept()
@@ -85,6 +86,7 @@
 #define UNKNOWN_DONE 255
 
 #define EINPROGRESS_ 115
+#define CLOSE_RANGE_CLOEXEC_ 4
 #define BARRIER_VAR(v) asm volatile("" : "+r"(v))
 #define AF_INET_ 2
 #define AF_INET6_ 10
@@ -98,6 +100,7 @@
 #define EV_TLS_BIND 6
 #define EV_TLS_SNI 7
 #define EV_EXEC 8
+#define EV_CLOSE_RANGE 9  // fd: the first fd closed, tid: the last one
 
 #define DIR_SEND 0
 #define DIR_RECV 1
@@ -669,7 +672,7 @@ static __always_inline int conn_enter(s32 fd, u64 addr, u64 addrlen, u8 role) {
 
 // A connect/accept that succeeded but is not tracked: whatever `conns` still holds for its
 // fd belonged to a file that was closed without close(): by exec (close-on-exec), or by
-// close_range().
+// close_range() before userspace ended it.
 static __always_inline int drop_stale(u64 id, s32 fd) {
     struct conn_key k = {.tgid = id >> 32, .fd = fd};
     if (!conns.lookup(&k))
@@ -836,6 +839,29 @@ TRACEPOINT_PROBE(syscalls, sys_enter_dup2) {
 }
 TRACEPOINT_PROBE(syscalls, sys_enter_dup3) {
     return args->oldfd == args->newfd ? 0 : fd_gone((s32)args->newfd);  // (EINVAL)
+}
+
+// close_range() closes every fd of a range (Python's subprocess, systemd, before exec).
+// The kernel cannot walk `conns` for the range: userspace ends the connections it tracks
+// there and deletes their entries (the event's tid field carries the range's last fd).
+TRACEPOINT_PROBE(syscalls, sys_enter_close_range) {
+    if ((args->flags & CLOSE_RANGE_CLOEXEC_) || args->fd > args->max_fd)
+        return 0;  // only marked close-on-exec, or EINVAL
+    u64 id = bpf_get_current_pid_tgid();
+    struct cfg *c = get_cfg();
+    if (!c || (id >> 32) == c->self_tgid)
+        return 0;
+    struct ev_hdr *h = events.ringbuf_reserve(sizeof(struct ev_hdr));
+    if (!h) {
+        count(C_RING_FULL, 1);
+        return 0;
+    }
+    fill_hdr(h, EV_CLOSE_RANGE, id, (s32)(args->fd > 0x7fffffff ? 0x7fffffff : args->fd));
+    h->tid = args->max_fd > 0x7fffffff ? 0x7fffffff : (u32)args->max_fd;
+    events.ringbuf_submit(h, 0);
+    count(C_EVENTS, 1);
+    count(C_LIFECYCLE, 1);
+    return 0;
 }
 
 TRACEPOINT_PROBE(sched, sched_process_exit) {

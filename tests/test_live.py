@@ -750,6 +750,26 @@ def test_dup2_ends_the_connection_whose_fd_it_replaced(
     assert delta.total("hopwatch_events_lost_total") == 0
 
 
+def test_close_range_ends_the_connections_in_its_range(daemon: Daemon, tmp_path: Path) -> None:
+    """close_range() closes a tracked connection's socket without close(): the daemon ends
+    the connection, and the request-shaped bytes then written to and read from a file
+    opened on the same fd number are not parsed as the connection's (before: phantom
+    requests and parse errors). Bytes the kernel copied before the daemon read the
+    close_range event arrive for an fd it no longer tracks and are not parsed either."""
+    port = free_port()
+    srv = named(tmp_path, "t_cr_srv", SYSTEM_PYTHON)
+    cli = named(tmp_path, "t_cr_cli", SYSTEM_PYTHON)
+    with server([srv, str(PEERS / "h1_server.py"), "127.0.0.1", str(port)], port):
+        before = daemon.settle()
+        run([cli, str(PEERS / "close_range_client.py"), str(port), str(tmp_path / "f")])
+        delta = daemon.settle(since=before) - before
+    assert counts(delta, "t_cr_cli") == exchange("c", "s", "http1", 1, 0)["c"]
+    assert counts(delta, "t_cr_srv") == exchange("c", "s", "http1", 1, 0)["s"]
+    assert delta.total("hopwatch_parse_errors_total") == 0
+    assert delta.total("hopwatch_stream_desyncs_total") == 0
+    assert delta.total("hopwatch_events_lost_total") == 0
+
+
 def test_exec_ends_the_connections_it_closed(daemon: Daemon, tmp_path: Path) -> None:
     """A client runs exec with three keep-alive connections open, one of them inherited by
     the new image. The two that exec closed end there: the file the new image then reads

@@ -80,7 +80,7 @@ BPF_SOURCE = _find_source()
 # --- ABI shared with bpf/capture.c (sizes checked by _Static_assert at compile time) -------
 
 EV_DATA, EV_OPEN, EV_CLOSE, EV_EXIT, EV_UNKNOWN_FD = 1, 2, 3, 4, 5
-EV_TLS_BIND, EV_TLS_SNI, EV_EXEC = 6, 7, 8
+EV_TLS_BIND, EV_TLS_SNI, EV_EXEC, EV_CLOSE_RANGE = 6, 7, 8, 9
 # A connection's cookie: the kernel's clock (bpf_ktime_get_ns, CLOCK_MONOTONIC) when it was
 # opened; with the top bit set, when the daemon adopted it.
 _ADOPTED = 1 << 63
@@ -1088,6 +1088,13 @@ class LiveCapture:
         elif kind == EV_CLOSE:
             self._forget(tgid, fd)
             self._slots.append(ConnClosed(tgid, fd, ts))
+        elif kind == EV_CLOSE_RANGE:
+            # close_range(fd, tid): the connections tracked in the range end here. One that
+            # took an fd number since (its open is later in the ring) keeps its entry.
+            closed = [f for f in self._by_tgid.get(tgid, ()) if fd <= f <= tid]
+            for fd_ in closed:
+                self.forget(tgid, fd_, as_of_ns=ts)
+                self._slots.append(ConnClosed(tgid, fd_, ts))
         elif kind == EV_EXIT:
             for fd_ in list(self._by_tgid.get(tgid, ())):
                 self._forget(tgid, fd_, delete=True)
