@@ -9,18 +9,13 @@ import os
 import socket
 import sys
 
-TP = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
-REQUEST = f"GET / HTTP/1.1\r\nHost: cr\r\ntraceparent: {TP}\r\n\r\n".encode()
+from _h1 import exchange, request
+
+REQUEST = request("cr")
 
 port, path = int(sys.argv[1]), sys.argv[2]
 s = socket.create_connection(("127.0.0.1", port))
-s.sendall(REQUEST)
-buf = b""
-while b"\r\n\r\nok\n" not in buf:
-    got = s.recv(65536)
-    if not got:
-        raise SystemExit("connection closed before the response")
-    buf += got
+exchange(s, "cr")
 fd = s.detach()  # the socket object lets go of the fd: nothing calls close() on it
 os.closerange(fd, fd + 1)  # CPython: close_range(fd, fd, 0)
 f = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)

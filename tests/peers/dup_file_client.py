@@ -8,23 +8,13 @@ import os
 import socket
 import sys
 
-TP = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
-REQUEST = f"GET / HTTP/1.1\r\nHost: dup\r\ntraceparent: {TP}\r\n\r\n".encode()
+from _h1 import exchange, request
 
-
-def exchange(s: socket.socket) -> None:
-    s.sendall(REQUEST)
-    buf = b""
-    while b"\r\n\r\nok\n" not in buf:
-        got = s.recv(65536)
-        if not got:
-            raise SystemExit("connection closed before the response")
-        buf += got
-
+REQUEST = request("dup")
 
 port, path, how = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 s = socket.create_connection(("127.0.0.1", port))
-exchange(s)
+exchange(s, "dup")
 fd = s.fileno()
 f = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
 # os.dup2 calls dup3 for a non-inheritable copy, dup2 otherwise

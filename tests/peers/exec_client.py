@@ -11,26 +11,9 @@ import os
 import socket
 import sys
 
-TP = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+from _h1 import exchange
+
 FDS = (50, 51, 52)
-
-
-def exchange(s: socket.socket) -> None:
-    s.sendall(f"GET / HTTP/1.1\r\nHost: exec\r\ntraceparent: {TP}\r\n\r\n".encode())
-    buf = b""
-    while b"\r\n\r\n" not in buf:
-        got = s.recv(65536)
-        if not got:
-            raise SystemExit("connection closed before the response head")
-        buf += got
-    head, _, body = buf.partition(b"\r\n\r\n")
-    length = next(
-        int(line.split(b":", 1)[1])
-        for line in head.split(b"\r\n")
-        if line.lower().startswith(b"content-length:")
-    )
-    while len(body) < length:
-        body += s.recv(65536)
 
 
 def connect_at(fd: int, port: int, inheritable: bool) -> socket.socket:
@@ -45,7 +28,7 @@ def connect_at(fd: int, port: int, inheritable: bool) -> socket.socket:
 def before(port: int, new_exe: str) -> None:
     socks = [connect_at(fd, port, inheritable=fd == 51) for fd in FDS]
     for s in socks:
-        exchange(s)
+        exchange(s, "exec")
     print("before", flush=True)
     os.execv(new_exe, [new_exe, __file__, str(port), "-"])
 
@@ -59,10 +42,10 @@ def after(port: int) -> None:
         while os.read(fd, 4096):
             pass
         os.close(fd)
-    exchange(socket.socket(fileno=51))
+    exchange(socket.socket(fileno=51), "exec")
     with socket.create_connection(("127.0.0.1", port)) as s:
-        exchange(s)
-        exchange(s)
+        exchange(s, "exec")
+        exchange(s, "exec")
 
 
 if __name__ == "__main__":
