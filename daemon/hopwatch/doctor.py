@@ -6,12 +6,12 @@ import ctypes
 import mmap
 import os
 import platform
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from ._bcc import import_bcc
 from ._compat import SLOTS
+from .kernel import kernel_version
 
 __all__ = ["Check", "run_checks"]
 
@@ -58,9 +58,7 @@ def check_privileges() -> Check:
 
 def check_kernel() -> Check:
     release = platform.release()
-    match = re.match(r"(\d+)\.(\d+)", release)
-    version = (int(match.group(1)), int(match.group(2))) if match else (0, 0)
-    if version >= (5, 8):
+    if kernel_version(release) >= (5, 8):
         return Check("kernel", True, f"{release} (ring buffers need >= 5.8)")
     return Check(
         "kernel",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ __all__ = [
     "KernelError",
     "ensure_tracefs",
     "find_kernel_headers",
+    "kernel_version",
     "prepare_kernel",
 ]
 
@@ -48,6 +50,13 @@ class KernelEnv:
     headers: Path
     headers_source: str  # "modules" | "fallback" | "env"
     tracefs: Path
+
+
+def kernel_version(release: str | None = None) -> tuple[int, int]:
+    """(major, minor) of a kernel release string (the running kernel's by default); (0, 0)
+    when it does not start with one."""
+    m = re.match(r"(\d+)\.(\d+)", release or os.uname().release)
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
 
 
 def _has_headers(path: Path) -> bool:

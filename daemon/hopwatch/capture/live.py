@@ -53,7 +53,7 @@ from hopwatch.capture._types import (
     TlsServerName,
     UnknownFd,
 )
-from hopwatch.kernel import KernelError, prepare_kernel
+from hopwatch.kernel import KernelError, kernel_version, prepare_kernel
 from hopwatch.tls import SslFinder, SslTarget
 
 from .._bcc import import_bcc
@@ -297,10 +297,8 @@ MADV_DONTNEED = 4
 def regs_args_supported(release: str | None = None, machine: str | None = None) -> bool:
     """The exit programs can read a syscall's arguments from its saved registers: x86-64
     (the register ABI capture.c knows) and bpf_task_pt_regs (Linux 5.15)."""
-    m = re.match(r"(\d+)\.(\d+)", release or platform.release())
-    version = (int(m.group(1)), int(m.group(2))) if m else (0, 0)
     arch = (machine or platform.machine()).lower()
-    return arch in ("x86_64", "amd64") and version >= (5, 15)
+    return arch in ("x86_64", "amd64") and kernel_version(release) >= (5, 15)
 
 
 def release_compiler_memory() -> int:
@@ -862,8 +860,9 @@ class LiveCapture:
 
     def forget(self, tgid: int, fd: int, *, as_of_ns: int) -> None:
         """The fd's connection is over though no close() was seen (its process ran exec and
-        the socket was close-on-exec): stop tracking it. A connection that took the fd after
-        ``as_of_ns`` (the kernel's cookie is its open time) is left alone."""
+        the socket was close-on-exec, or it called close_range()): stop tracking it. A
+        connection that took the fd after ``as_of_ns`` (the kernel's cookie is its open time)
+        is left alone."""
         bpf = self._bpf
         if bpf is None:
             return
