@@ -152,6 +152,26 @@ def test_overload_needs_arrivals_beyond_twice_what_the_loop_takes() -> None:
     assert not o.update(4.0, read=100_000, shed=530_000, cpu_s=2.5)
 
 
+def test_overload_bar_is_once_what_the_loop_takes_while_the_kernel_sheds() -> None:
+    o = Overload(factor=2.0, window_s=0.5, shed_factor=1.0)
+    o.update(0.0, read=0, shed=0, cpu_s=0.0)
+    assert not o.update(1.0, read=40_000, shed=0, cpu_s=1.0)  # 40,000 per CPU second
+    # The ring fills, nothing shed yet: 60,000 unread a second, under twice: behind.
+    assert not o.update(2.0, read=80_000, shed=0, cpu_s=2.0, waiting=60_000)
+    # The ring is full and the kernel sheds 50,000 a second: more goes unread than the
+    # loop could take with a whole CPU (flat out, it would see under half).
+    assert o.update(3.0, read=120_000, shed=50_000, cpu_s=3.0, waiting=60_000)
+    assert o.unread == pytest.approx(50_000)
+    # Shedding less than that (30,000 a second): just behind, uncapped again.
+    assert not o.update(4.0, read=160_000, shed=80_000, cpu_s=4.0, waiting=60_000)
+    # With the old bar (twice, shedding or not) the same flood was not an overload.
+    o2 = Overload(factor=2.0, window_s=0.5, shed_factor=2.0)
+    o2.update(0.0, read=0, shed=0, cpu_s=0.0)
+    o2.update(1.0, read=40_000, shed=0, cpu_s=1.0)
+    o2.update(2.0, read=80_000, shed=0, cpu_s=2.0, waiting=60_000)
+    assert not o2.update(3.0, read=120_000, shed=50_000, cpu_s=3.0, waiting=60_000)
+
+
 def test_overload_is_never_declared_before_the_loop_was_timed() -> None:
     o = Overload(factor=2.0, window_s=0.5)
     o.update(0.0, read=0, shed=0, cpu_s=0.0)
