@@ -114,9 +114,9 @@ _STATS_DOCS: dict[str, tuple[str, str, str | None]] = {
     ),
     "capture_overloaded": (
         "gauge",
-        "1 while more than twice what the analysis loop can take on one CPU goes unread "
-        "(piling up in the ring), or once that while the kernel sheds: it analyses a sample, "
-        "within [capture] shed_cpu_percent.",
+        "1 while more than twice what the analysis loop can take on one CPU arrives, or more "
+        "than once that goes unread while the kernel sheds: it analyses a sample, within "
+        "[capture] shed_cpu_percent.",
         None,
     ),
     "capture_scheduling_idle": (
