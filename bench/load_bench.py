@@ -375,7 +375,7 @@ def main() -> int:
     ap.add_argument("--rate", type=int, default=10_000)
     ap.add_argument("--seconds", type=float, default=20)
     ap.add_argument("--warmup", type=float, default=5, help="seconds of load before (a)")
-    ap.add_argument("--rounds", type=int, default=12)  # rounds move by ±0.1 on this VM
+    ap.add_argument("--rounds", type=int, default=12)  # a round moves by ±0.15 here
     ap.add_argument("--wrk-seconds", type=int, default=10)
     ap.add_argument(
         "--wrk-warmup", type=int, default=5, help="seconds of wrk before each measured round"

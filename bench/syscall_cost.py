@@ -136,7 +136,7 @@ def main() -> int:
             print(r, {k: v[-1] for k, v in runs.items()}, flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    med = {k: [statistics.median(m[i] for m in v) for i in range(4)] for k, v in runs.items()}
+    med = {k: [statistics.median(col) for col in zip(*v)] for k, v in runs.items()}
     base = med["no programs"]
     lines = [
         "# What the capture adds to one syscall (bench/syscall_cost.py)",
